@@ -1,0 +1,439 @@
+"""Platform-independent part of dockpoint.
+
+The public classes, the public functions, errors, name validation and the pure functions
+that compute where an endpoint lives. A backend (``_posix`` or ``_windows``) supplies a
+few private operations; everything a user calls, and every argument check, is here.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from _thread import allocate_lock, get_ident
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # pragma: no cover - names for type hints only, never imported at run time
+    from types import TracebackType
+    from typing import Protocol
+
+    from typing_extensions import Self
+
+    class Channel(Protocol):
+        """A backend's connected byte stream."""
+
+        peer_pid: int | None
+
+        def recv(self, max_bytes: int, timeout: float | None) -> bytes: ...
+        def send(self, data: bytes | memoryview) -> None: ...
+        def close(self) -> None: ...
+
+    class Listener(Protocol):
+        """A backend's claimed endpoint."""
+
+        def accept(self, timeout: float | None) -> Channel | None: ...
+        def wake(self) -> None: ...
+        def close(self) -> None: ...
+
+    class Backend(Protocol):
+        """What a backend module provides."""
+
+        def locate(self, stem: str) -> str: ...
+        def listen(self, stem: str) -> tuple[Listener, str] | None: ...
+        def dial(self, stem: str, timeout: float | None) -> Channel | None: ...
+
+
+__all__ = [
+    "MAX_NAME_LENGTH",
+    "NAME_CHARACTERS",
+    "Api",
+    "Dockpoint",
+    "DockpointClosedError",
+    "DockpointConnection",
+    "check_timeout",
+    "endpoint_stem",
+    "pipe_name",
+    "posix_directory",
+    "socket_filename",
+    "validate_name",
+]
+
+#: Characters allowed in ``app_name`` and ``instance``; the first must not be ``.`` or ``-``.
+NAME_CHARACTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-"
+#: Longest allowed ``app_name`` or ``instance``.
+MAX_NAME_LENGTH = 64
+#: ``read`` never asks the OS for more than this at once (a huge ``max_bytes`` is not an
+#: allocation request).
+READ_CHUNK_LIMIT = 1 << 20
+
+
+class DockpointClosedError(OSError):
+    """An operation was attempted on a closed :class:`Dockpoint` or
+    :class:`DockpointConnection`, or the object was closed while the operation waited.
+
+    A subclass of :class:`OSError` whose ``errno`` is ``EBADF``, the same on every platform.
+    """
+
+
+def _closed(what: str) -> DockpointClosedError:
+    import errno
+
+    return DockpointClosedError(errno.EBADF, f"{what} is closed")
+
+
+# --------------------------------------------------------------------------- names
+
+
+def validate_name(value: object, what: str) -> str:
+    """Return the endpoint form of a valid name (lower case), or raise.
+
+    :raises TypeError: ``value`` is not a ``str``.
+    :raises ValueError: empty, longer than :data:`MAX_NAME_LENGTH`, starts with ``.`` or
+        ``-``, or has a character outside :data:`NAME_CHARACTERS`.
+    """
+    if type(value) is not str:
+        if not isinstance(value, str):
+            raise TypeError(f"{what} must be a str, not {type(value).__name__}")
+        value = str(value)
+    if not value:
+        raise ValueError(f"{what} must not be empty")
+    if len(value) > MAX_NAME_LENGTH:
+        raise ValueError(
+            f"{what} is {len(value)} characters long; at most {MAX_NAME_LENGTH} are allowed"
+        )
+    if value.lstrip(NAME_CHARACTERS) or value[0] in ".-":
+        raise ValueError(
+            f"{what} {value!r} is not allowed: use ASCII letters, digits, '_', '.' and '-', "
+            "not starting with '.' or '-'"
+        )
+    return value.lower()
+
+
+def endpoint_stem(app_name: object, instance: object) -> str:
+    """The endpoint's base name, ``app@instance`` in lower case.
+
+    Names are case-insensitive on every platform (Windows pipe names are), so
+    ``"MyApp"`` and ``"myapp"`` name the same endpoint everywhere.
+    """
+    return validate_name(app_name, "app_name") + "@" + validate_name(instance, "instance")
+
+
+def check_timeout(timeout: object) -> float | None:
+    """Return ``timeout`` as a float (``None`` stays ``None``), or raise."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(
+            f"timeout must be None or a number of seconds, not {type(timeout).__name__}"
+        )
+    t = float(timeout)
+    if not t >= 0.0:  # also rejects NaN
+        raise ValueError(f"timeout must be None or >= 0 seconds, not {timeout!r}")
+    return t
+
+
+# --------------------------------------------------------------------------- locations
+
+
+def posix_directory(xdg_runtime_dir: str | None, uid: int, run_user_dir: str | None) -> str:
+    """The directory that holds a user's endpoints on POSIX.
+
+    ``$XDG_RUNTIME_DIR/dockpoint`` when ``XDG_RUNTIME_DIR`` is set to an absolute path;
+    else ``<run_user_dir>/dockpoint`` when the caller found ``/run/user/<uid>`` to be the
+    user's own; else ``/tmp/dockpoint-<uid>``.
+    """
+    if xdg_runtime_dir and xdg_runtime_dir.startswith("/"):
+        return xdg_runtime_dir.rstrip("/") + "/dockpoint"
+    if run_user_dir:
+        return run_user_dir.rstrip("/") + "/dockpoint"
+    return f"/tmp/dockpoint-{uid}"
+
+
+def socket_filename(directory: str, stem: str, limit: int) -> str:
+    """The socket's file name in ``directory``.
+
+    ``<stem>.sock``, unless that path would be longer than ``limit`` bytes (the OS's
+    ``sun_path``), then a fixed-length hashed name ``~<24 hex digits>.sock``.
+    """
+    name = stem + ".sock"
+    if len(os.fsencode(directory)) + 1 + len(name) <= limit:
+        return name
+    import hashlib
+
+    return "~" + hashlib.sha256(stem.encode()).hexdigest()[:24] + ".sock"
+
+
+def pipe_name(user_sid: str, stem: str) -> str:
+    """The Windows named pipe for ``stem``, scoped to the user ``user_sid``."""
+    return f"\\\\.\\pipe\\dockpoint-{user_sid}-{stem}"
+
+
+# --------------------------------------------------------------------------- classes
+
+
+class DockpointConnection:
+    """A connected byte stream between a daemon and one client.
+
+    Obtained from :meth:`Dockpoint.accept` (daemon side) or :func:`dockpoint.connect`
+    (client side); not created directly. A context manager: leaving the block closes it.
+    """
+
+    __slots__ = ("__weakref__", "_ch", "peer_pid")
+
+    def __init__(self, channel: Channel) -> None:
+        self._ch: Channel | None = channel
+        #: Process id of the other end where the OS reports it, else ``None``.
+        self.peer_pid: int | None = channel.peer_pid
+
+    def read(self, max_bytes: int = 65536, *, timeout: float | None = None) -> bytes:
+        """Read up to ``max_bytes`` bytes.
+
+        Blocks until at least one byte has arrived or the peer has closed the stream.
+
+        :param max_bytes: the most bytes to return; at least 1.
+        :param timeout: seconds to wait at most; ``None`` waits for ever.
+        :returns: 1 to ``max_bytes`` bytes, or ``b""`` at end of stream.
+        :raises ValueError: ``max_bytes < 1`` or a negative ``timeout``.
+        :raises TimeoutError: nothing arrived within ``timeout``.
+        :raises DockpointClosedError: the connection is closed.
+        """
+        ch = self._ch
+        if ch is None:
+            raise _closed("DockpointConnection")
+        if max_bytes.__class__ is not int:
+            if isinstance(max_bytes, bool) or not isinstance(max_bytes, int):
+                raise TypeError(f"max_bytes must be an int, not {type(max_bytes).__name__}")
+            max_bytes = int(max_bytes)
+        if max_bytes < 1:
+            raise ValueError(f"max_bytes must be at least 1, not {max_bytes}")
+        max_bytes = min(max_bytes, READ_CHUNK_LIMIT)
+        if timeout is not None:
+            timeout = check_timeout(timeout)
+        return ch.recv(max_bytes, timeout)
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        """Write all of ``data``.
+
+        :param data: any bytes-like object (``bytes``, ``bytearray``, ``memoryview``, ...).
+        :returns: the number of bytes written, always all of them.
+        :raises TypeError: ``data`` is a ``str`` or not bytes-like.
+        :raises BrokenPipeError: the peer has closed the stream.
+        :raises DockpointClosedError: the connection is closed.
+        """
+        ch = self._ch
+        if ch is None:
+            raise _closed("DockpointConnection")
+        if data.__class__ is bytes:
+            ch.send(data)
+            return len(data)
+        if isinstance(data, str):
+            raise TypeError("write() takes a bytes-like object, not str; encode it first")
+        try:
+            view = memoryview(data)
+        except TypeError:
+            raise TypeError(
+                f"write() takes a bytes-like object, not {type(data).__name__}"
+            ) from None
+        if view.ndim != 1 or view.format not in ("B", "b", "c"):
+            view = view.cast("B") if view.c_contiguous else memoryview(view.tobytes())
+        ch.send(view)
+        return view.nbytes
+
+    def close(self) -> None:
+        """Close the connection. Closing again does nothing."""
+        ch, self._ch = self._ch, None
+        if ch is not None:
+            ch.close()
+
+    @property
+    def closed(self) -> bool:
+        """``True`` once :meth:`close` has been called."""
+        return self._ch is None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._ch is None else f"peer_pid={self.peer_pid}"
+        return f"<DockpointConnection {state}>"
+
+
+class Dockpoint:
+    """A claimed endpoint: the one well-known place where this process serves clients.
+
+    Obtained from :func:`dockpoint.claim`; not created directly. The claim lasts until
+    :meth:`close` (or the process ends, however it ends). A context manager: leaving the
+    block closes it.
+    """
+
+    def __init__(self, listener: Listener, address: str) -> None:
+        self._listener: Listener | None = listener
+        #: Where the endpoint lives: the socket path on POSIX, the pipe name on Windows.
+        self.address = address
+        self._pid = os.getpid()
+        self._mutex = allocate_lock()
+        self._idle = allocate_lock()  # held while any thread is inside accept()
+        self._accepting: list[int] = []  # idents of the threads inside accept()
+        self._closing = False
+
+    def accept(self, *, timeout: float | None = None) -> DockpointConnection:
+        """Wait for the next client and return the connection to it.
+
+        Clients of another user are dropped without being served. :meth:`close` from
+        another thread ends the wait with :class:`DockpointClosedError`.
+
+        :param timeout: seconds to wait at most; ``None`` waits for ever.
+        :raises TimeoutError: no client arrived within ``timeout``.
+        :raises DockpointClosedError: the endpoint is closed, or was closed while waiting.
+        """
+        timeout = check_timeout(timeout)
+        with self._mutex:
+            listener = self._listener
+            if listener is None or self._closing:
+                raise _closed("Dockpoint")
+            if not self._accepting:
+                self._idle.acquire()
+            me = get_ident()
+            self._accepting.append(me)
+        try:
+            channel = listener.accept(timeout)
+        finally:
+            with self._mutex:
+                self._accepting.remove(me)
+                if not self._accepting:
+                    self._idle.release()
+                finish = self._closing and not self._accepting and self._listener is not None
+                if finish:
+                    self._listener = None
+            if finish:  # close() ran inside this accept (a signal handler) and left it to us
+                listener.close()
+        if channel is None:
+            raise _closed("Dockpoint")
+        return DockpointConnection(channel)
+
+    def close(self) -> None:
+        """Release the endpoint; a thread blocked in :meth:`accept` raises
+        :class:`DockpointClosedError`. Closing again does nothing.
+
+        In the claiming process this removes the endpoint and then releases the claim, so
+        the next :func:`dockpoint.claim` succeeds. In a forked child it only closes the
+        child's copies: the parent's endpoint stays claimed and working.
+        """
+        with self._mutex:
+            listener = self._listener
+            if listener is None or self._closing:
+                return
+            self._closing = True
+            busy = bool(self._accepting) and os.getpid() == self._pid
+            inside = get_ident() in self._accepting
+        if busy:
+            listener.wake()
+            if inside:  # a signal handler interrupted accept() on this thread: it finishes
+                return
+            # Accepting threads still use the OS handles: let them leave before freeing them.
+            self._idle.acquire()
+            self._idle.release()
+        with self._mutex:
+            if self._listener is None:
+                return
+            self._listener = None
+        listener.close()
+
+    @property
+    def closed(self) -> bool:
+        """``True`` once :meth:`close` has been called."""
+        return self._listener is None or self._closing
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = " closed" if self.closed else ""
+        return f"<Dockpoint {self.address!r}{state}>"
+
+
+class Api:
+    """The public functions, bound to one backend."""
+
+    def __init__(self, backend: Backend) -> None:
+        self._backend = backend
+
+    def claim(self, app_name: str, instance: str = "default") -> Dockpoint | None:
+        """Claim the endpoint for ``(app_name, instance)`` for the current user.
+
+        Atomic: of any number of processes claiming at once, exactly one gets a
+        :class:`Dockpoint`. The claim ends with :meth:`Dockpoint.close` or with the process.
+
+        :param app_name: your program's name; see :func:`validate_name` for the rules.
+        :param instance: which of several endpoints of the same program.
+        :returns: the claimed :class:`Dockpoint`, or ``None`` if another process holds it.
+        :raises TypeError: a name is not a ``str``.
+        :raises ValueError: a name breaks the naming rules, or the endpoint path would be
+            longer than the OS allows.
+        :raises PermissionError: the endpoint directory is unsafe (owned by another user,
+            a symlink, or open to group/others); the message names it.
+        :raises FileExistsError: something that is not a socket sits at the endpoint path.
+        """
+        got = self._backend.listen(endpoint_stem(app_name, instance))
+        if got is None:
+            return None
+        return Dockpoint(*got)
+
+    def connect(
+        self, app_name: str, instance: str = "default", *, timeout: float | None = None
+    ) -> DockpointConnection | None:
+        """Connect to the daemon holding ``(app_name, instance)`` for the current user.
+
+        :param timeout: ``None`` makes one attempt. A number of seconds keeps trying until
+            a daemon accepts or the time is up: the "retry-connect" step after spawning
+            a daemon.
+        :returns: the connection, or ``None`` if nobody is there (no endpoint, a stale
+            one, or a refusal) when the attempts end.
+        :raises TypeError: a name is not a ``str``.
+        :raises ValueError: a name breaks the naming rules.
+        :raises PermissionError: the endpoint belongs to another user, or its directory
+            is unsafe.
+        """
+        stem = endpoint_stem(app_name, instance)
+        timeout = check_timeout(timeout)
+        dial = self._backend.dial
+        if timeout is None:
+            channel = dial(stem, None)
+            return None if channel is None else DockpointConnection(channel)
+        deadline = time.monotonic() + timeout
+        pause = 0.001
+        while True:
+            channel = dial(stem, max(0.0, deadline - time.monotonic()))
+            if channel is not None:
+                return DockpointConnection(channel)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            time.sleep(min(pause, left))
+            pause = min(pause * 2, 0.05)
+
+    def address(self, app_name: str, instance: str = "default") -> str:
+        """Where the endpoint for ``(app_name, instance)`` lives, claimed or not.
+
+        The socket path on POSIX, the pipe name on Windows: for logs, documentation and
+        clients written in other languages. Creates nothing.
+
+        :raises TypeError: a name is not a ``str``.
+        :raises ValueError: a name breaks the naming rules.
+        """
+        return self._backend.locate(endpoint_stem(app_name, instance))

@@ -1,0 +1,385 @@
+"""POSIX backend: a Unix-domain stream socket guarded by an ``flock``-ed sidecar file.
+
+The lock file decides who holds the claim; the socket is only where clients meet the
+holder. Only the lock holder binds, renames or unlinks the socket path.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import select
+import socket
+import sys
+from stat import S_ISDIR, S_ISLNK, S_ISREG, S_ISSOCK
+from time import monotonic
+
+from ._common import Api, posix_directory, socket_filename
+
+assert sys.platform != "win32"  # tells type checkers this module is POSIX-only
+
+_LINUX = sys.platform.startswith("linux")
+_DARWIN = sys.platform == "darwin"
+#: Longest socket path ``bind``/``connect`` accept (``sun_path`` less its NUL).
+SUN_PATH_MAX = 107 if _LINUX else 103
+_BACKLOG = max(socket.SOMAXCONN, 4096)  # the kernel caps it at its own maximum
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# O_NONBLOCK: a FIFO planted at the lock path must not hang open().
+_LOCK_FLAGS = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+_POLLIN = select.POLLIN
+# What a connect attempt raises when nobody is listening (socket.timeout and BlockingIOError:
+# a timed connect met a full backlog; the caller's retry loop tries again).
+_NOBODY = (FileNotFoundError, ConnectionRefusedError, BlockingIOError, socket.timeout)
+
+
+# --------------------------------------------------------------------------- directory
+
+
+def _unsafe(path: str, st: os.stat_result, uid: int) -> PermissionError | None:
+    mode = st.st_mode
+    if S_ISLNK(mode):
+        why = "it is a symbolic link"
+    elif not S_ISDIR(mode):
+        why = "it is not a directory"
+    elif st.st_uid != uid:
+        why = f"it is owned by uid {st.st_uid}, not by uid {uid}"
+    elif mode & 0o077:
+        why = f"its mode {mode & 0o7777:04o} lets group or others in (must be 0700)"
+    else:
+        return None
+    return PermissionError(errno.EACCES, f"unsafe directory for dockpoint: {why}", path)
+
+
+def _checked_lstat(path: str, uid: int) -> os.stat_result:
+    st = os.lstat(path)
+    bad = _unsafe(path, st, uid)
+    if bad is not None:
+        raise bad
+    return st
+
+
+def _directory(check: bool) -> str:
+    """The endpoint directory; with ``check``, its parent is verified (not created)."""
+    uid = os.geteuid()
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg and xdg[0] == "/":
+        if check:
+            _checked_lstat(xdg, uid)
+        return posix_directory(xdg, uid, None)
+    run_user = f"/run/user/{uid}"
+    try:
+        st = os.lstat(run_user)
+    except OSError:
+        run_user = ""
+    else:
+        if _unsafe(run_user, st, uid) is not None:
+            run_user = ""  # not the user's own: use the /tmp fallback
+    return posix_directory(None, uid, run_user or None)
+
+
+def _open_directory(directory: str, uid: int) -> int:
+    """Open the checked directory ``directory``, creating it ``0700`` if missing."""
+    try:
+        os.mkdir(directory, 0o700)
+    except FileExistsError:
+        pass
+    st = _checked_lstat(directory, uid)
+    dfd = os.open(directory, _DIR_FLAGS)
+    fst = os.fstat(dfd)
+    if (fst.st_dev, fst.st_ino) != (st.st_dev, st.st_ino):  # swapped under us
+        os.close(dfd)
+        raise PermissionError(errno.EACCES, "unsafe directory for dockpoint: it changed", directory)
+    return dfd
+
+
+def _bind_directory(directory: str, name: str, dfd: int | None) -> str:
+    """A directory prefix under which ``name`` fits in ``sun_path``."""
+    path = directory + "/" + name
+    size = len(os.fsencode(path))
+    if size <= SUN_PATH_MAX:
+        return directory
+    if _LINUX and dfd is not None:
+        return f"/proc/self/fd/{dfd}"  # short alias of the same, already checked, directory
+    raise ValueError(
+        f"socket path {path!r} is {size} bytes; this OS allows at most {SUN_PATH_MAX} "
+        "(sun_path): set XDG_RUNTIME_DIR to a shorter directory"
+    )
+
+
+def _needs_dirfd(directory: str, name: str) -> bool:
+    return _LINUX and len(os.fsencode(directory)) + 1 + len(name) > SUN_PATH_MAX
+
+
+# --------------------------------------------------------------------------- identity
+
+if _LINUX:
+    _SO_PEERCRED = getattr(socket, "SO_PEERCRED", 17)
+
+    def _peer(sock: socket.socket) -> tuple[int | None, int]:
+        raw = sock.getsockopt(socket.SOL_SOCKET, _SO_PEERCRED, 12)  # struct ucred
+        order = sys.byteorder
+        return int.from_bytes(raw[0:4], order), int.from_bytes(raw[4:8], order)
+
+else:
+    # macOS and the BSDs: getsockopt(SOL_LOCAL=0, LOCAL_PEERCRED=1) gives struct xucred
+    # {u_int cr_version; uid_t cr_uid; ...}; macOS also has LOCAL_PEERPID=2.
+    def _peer(sock: socket.socket) -> tuple[int | None, int]:
+        raw = sock.getsockopt(0, 1, 128)
+        uid = int.from_bytes(raw[4:8], sys.byteorder)
+        pid = None
+        if _DARWIN:
+            pid = int.from_bytes(sock.getsockopt(0, 2, 4), sys.byteorder)
+        return pid, uid
+
+
+# --------------------------------------------------------------------------- streams
+
+
+class _Channel:
+    __slots__ = ("_sock", "peer_pid")
+
+    def __init__(self, sock: socket.socket, peer_pid: int | None) -> None:
+        self._sock = sock
+        self.peer_pid = peer_pid
+
+    def recv(self, max_bytes: int, timeout: float | None) -> bytes:
+        if timeout is not None:
+            poller = select.poll()
+            poller.register(self._sock, _POLLIN)
+            if not poller.poll(_ms(timeout)):
+                raise TimeoutError(f"nothing to read within {timeout} s")
+        try:
+            return self._sock.recv(max_bytes)
+        except ConnectionResetError:  # the peer closed with our data unread: end of stream
+            return b""
+
+    def send(self, data: bytes | memoryview) -> None:
+        self._sock.sendall(data)
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+def _ms(seconds: float) -> int:
+    return int(-(-seconds * 1000 // 1))  # round up so a short wait is not a busy loop
+
+
+class _Listener:
+    __slots__ = ("_dfd", "_ino", "_lock", "_name", "_owner", "_sock", "_uid", "_wake_r", "_wake_w")
+
+    def __init__(self, sock: socket.socket, dfd: int, lock: int, name: str, ino: int) -> None:
+        self._sock = sock
+        self._dfd = dfd
+        self._lock = lock
+        self._name = name
+        self._ino = ino
+        self._uid = os.geteuid()
+        self._owner = os.getpid()
+        self._wake_r, self._wake_w = os.pipe()  # close() from another thread writes here
+
+    def accept(self, timeout: float | None) -> _Channel | None:
+        deadline = None if timeout is None else monotonic() + timeout
+        poller = select.poll()  # one per call: poll objects cannot be shared by threads
+        poller.register(self._wake_r, _POLLIN)
+        poller.register(self._sock, _POLLIN)
+        wake = self._wake_r
+        while True:
+            left = None if deadline is None else _ms(max(0.0, deadline - monotonic()))
+            ready = poller.poll(left)
+            if not ready:
+                raise TimeoutError(f"no client arrived within {timeout} s")
+            if any(fd == wake for fd, _ in ready):
+                return None
+            try:
+                conn, _ = self._sock.accept()
+            except (BlockingIOError, ConnectionAbortedError):  # the client gave up meanwhile
+                continue
+            conn.setblocking(True)  # BSD accept() inherits O_NONBLOCK from the listener
+            try:
+                pid, uid = _peer(conn)
+            except OSError:
+                conn.close()
+                continue
+            if uid != self._uid:  # another user's client: drop it unserved
+                conn.close()
+                continue
+            return _Channel(conn, pid)
+
+    def wake(self) -> None:
+        os.write(self._wake_w, b"x")
+
+    def close(self) -> None:
+        owner = os.getpid() == self._owner
+        try:
+            if owner:  # remove the socket while still holding the lock, if it is still ours
+                try:
+                    if os.lstat(self._name, dir_fd=self._dfd).st_ino == self._ino:
+                        os.unlink(self._name, dir_fd=self._dfd)
+                except FileNotFoundError:
+                    pass
+        finally:
+            self._sock.close()
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            try:
+                if owner:  # a forked child must not release its parent's lock
+                    os.ftruncate(self._lock, 0)
+                    fcntl.flock(self._lock, fcntl.LOCK_UN)
+            finally:
+                os.close(self._lock)
+                os.close(self._dfd)
+
+
+# --------------------------------------------------------------------------- backend
+
+
+def _lock(dfd: int, directory: str, stem: str, uid: int) -> int | None:
+    name = stem + ".lock"
+    fd = os.open(name, _LOCK_FLAGS, 0o600, dir_fd=dfd)
+    try:
+        st = os.fstat(fd)
+        if not S_ISREG(st.st_mode) or st.st_uid != uid:
+            raise PermissionError(
+                errno.EACCES, "lock file is not a regular file of this user", directory + "/" + name
+            )
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        if st.st_mode & 0o7777 != 0o1600:
+            _chmod_sticky(lambda mode: os.fchmod(fd, mode))
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, b"%d\n" % os.getpid(), 0)  # for status tools; the lock decides
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _chmod_sticky(chmod: object) -> None:
+    # The sticky bit asks runtime-directory cleaners to leave the file alone (XDG spec);
+    # some BSDs refuse it on non-directories (EFTYPE), where plain 0600 has to do.
+    try:
+        chmod(0o1600)  # type: ignore[operator]
+    except OSError:
+        chmod(0o600)  # type: ignore[operator]
+
+
+def _bind(dfd: int, directory: str, stem: str) -> tuple[socket.socket, str, int]:
+    name = socket_filename(directory, stem, SUN_PATH_MAX)
+    path = directory + "/" + name
+    prefix = _bind_directory(directory, name, dfd)
+    try:
+        st = os.lstat(name, dir_fd=dfd)
+    except FileNotFoundError:
+        pass
+    else:
+        if not S_ISSOCK(st.st_mode):
+            raise FileExistsError(
+                errno.EEXIST,
+                "something that is not a socket sits at the endpoint path; "
+                "dockpoint leaves it alone (remove it to claim this endpoint)",
+                path,
+            )
+    temp = name[:-5] + ".new"  # bound and set up here, then renamed into place
+    try:
+        os.unlink(temp, dir_fd=dfd)  # left by a holder that died mid-claim
+    except FileNotFoundError:
+        pass
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(prefix + "/" + temp)
+        try:
+            _chmod_sticky(lambda mode: os.chmod(temp, mode, dir_fd=dfd))
+            ino = os.lstat(temp, dir_fd=dfd).st_ino
+            sock.listen(_BACKLOG)
+            sock.setblocking(False)
+            # Clients see either the old path or a listening, private socket: never a gap.
+            os.rename(temp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+        except BaseException:
+            os.unlink(temp, dir_fd=dfd)
+            raise
+    except BaseException:
+        sock.close()
+        raise
+    return sock, path, ino
+
+
+class _Backend:
+    @staticmethod
+    def locate(stem: str) -> str:
+        directory = _directory(check=False)
+        return directory + "/" + socket_filename(directory, stem, SUN_PATH_MAX)
+
+    @staticmethod
+    def listen(stem: str) -> tuple[_Listener, str] | None:
+        uid = os.geteuid()
+        directory = _directory(check=True)
+        dfd = _open_directory(directory, uid)
+        try:
+            lock = _lock(dfd, directory, stem, uid)
+        except BaseException:
+            os.close(dfd)
+            raise
+        if lock is None:
+            os.close(dfd)
+            return None
+        try:
+            sock, path, ino = _bind(dfd, directory, stem)
+        except BaseException:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            os.close(lock)
+            os.close(dfd)
+            raise
+        return _Listener(sock, dfd, lock, path.rpartition("/")[2], ino), path
+
+    @staticmethod
+    def dial(stem: str, timeout: float | None) -> _Channel | None:
+        uid = os.geteuid()
+        directory = _directory(check=True)
+        try:
+            st = _checked_lstat(directory, uid)
+        except FileNotFoundError:
+            return None
+        name = socket_filename(directory, stem, SUN_PATH_MAX)
+        dfd = None
+        if _needs_dirfd(directory, name):
+            dfd = os.open(directory, _DIR_FLAGS)
+        try:
+            if dfd is not None:
+                fst = os.fstat(dfd)
+                if (fst.st_dev, fst.st_ino) != (st.st_dev, st.st_ino):
+                    raise PermissionError(
+                        errno.EACCES, "unsafe directory for dockpoint: it changed", directory
+                    )
+            target = _bind_directory(directory, name, dfd) + "/" + name
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                if timeout is not None:
+                    sock.settimeout(timeout)
+                try:
+                    sock.connect(target)
+                except _NOBODY:
+                    sock.close()
+                    return None
+                if timeout is not None:
+                    sock.settimeout(None)
+                pid, peer_uid = _peer(sock)
+                if peer_uid != uid:
+                    raise PermissionError(
+                        errno.EACCES,
+                        f"the endpoint is served by uid {peer_uid}, not by this user (uid {uid})",
+                        directory + "/" + name,
+                    )
+            except BaseException:
+                sock.close()
+                raise
+            return _Channel(sock, pid)
+        finally:
+            if dfd is not None:
+                os.close(dfd)
+
+
+api = Api(_Backend())
