@@ -1,0 +1,559 @@
+"""POSIX-only behaviour: files, permissions, other users, fork, signals, imports."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+if sys.platform == "win32":
+    pytest.skip("POSIX backend only", allow_module_level=True)
+
+from conftest import LINUX, PACKAGE_ROOT, Child, child_env
+
+import dockpoint
+from dockpoint import _posix
+
+ROOT = os.geteuid() == 0
+NOBODY = 65534
+as_root = pytest.mark.skipif(not ROOT, reason="needs root to become another user (uid 65534)")
+
+
+def as_nobody(fn_code: str, *args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
+    """Run ``fn_code`` in a child that has dropped to uid/gid 65534 before anything else."""
+    # Import first: this interpreter's files may not be readable by uid 65534.
+    prelude = (
+        f"import os, socket, sys\nos.setgroups([]); os.setgid({NOBODY}); os.setuid({NOBODY})\n"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", prelude + fn_code, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=child_env(),
+        cwd="/",
+    )
+
+
+def endpoint_dir(runtime: Path) -> Path:
+    return runtime / "dockpoint"
+
+
+# --------------------------------------------------------------------------- files
+
+
+def test_files_layout_modes_and_sticky_bits(runtime: Path, app: str) -> None:
+    with dockpoint.claim(app) as dp:
+        d = endpoint_dir(runtime)
+        assert stat.S_IMODE(d.stat().st_mode) == 0o700
+        sock = Path(dp.address)
+        assert sock.parent == d and sock.name == f"{app}@default.sock"
+        st = sock.lstat()
+        assert stat.S_ISSOCK(st.st_mode)
+        assert stat.S_IMODE(st.st_mode) in (0o1600, 0o600)
+        lock = d / f"{app}@default.lock"
+        lst = lock.lstat()
+        assert stat.S_ISREG(lst.st_mode)
+        if LINUX:
+            assert stat.S_IMODE(st.st_mode) == 0o1600
+            assert stat.S_IMODE(lst.st_mode) == 0o1600
+        assert lock.read_text() == f"{os.getpid()}\n"
+        assert sorted(p.name for p in d.iterdir()) == sorted([sock.name, lock.name])
+    # The socket goes; the lock file stays (unlinking it would split waiters) but is empty.
+    assert sorted(p.name for p in d.iterdir()) == [lock.name]
+    assert lock.read_text() == ""
+
+
+def test_stale_socket_is_nobody_and_is_replaced(runtime: Path, app: str) -> None:
+    path = dockpoint.address(app)
+    endpoint_dir(runtime).mkdir(mode=0o700)
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(path)
+    dead.close()  # a socket file with nobody behind it: a crashed daemon's leftover
+    assert dockpoint.connect(app) is None
+    assert dockpoint.connect(app, timeout=0.05) is None
+    with dockpoint.claim(app) as dp:
+        conn = dockpoint.connect(app)
+        assert conn is not None
+        server = dp.accept(timeout=10)
+        conn.write(b"fresh")
+        assert server.read(timeout=10) == b"fresh"
+        conn.close()
+        server.close()
+
+
+def test_regular_file_at_the_endpoint_is_left_alone(runtime: Path, app: str) -> None:
+    path = Path(dockpoint.address(app))
+    endpoint_dir(runtime).mkdir(mode=0o700)
+    path.write_text("user data")
+    assert dockpoint.connect(app) is None
+    with pytest.raises(FileExistsError, match="not a socket") as info:
+        dockpoint.claim(app)
+    assert info.value.filename == str(path)
+    assert path.read_text() == "user data"
+    # The failed claim released the lock: removing the file is enough to claim.
+    path.unlink()
+    dp = dockpoint.claim(app)
+    assert dp is not None
+    dp.close()
+
+
+def test_leftover_temporary_socket_is_cleaned(runtime: Path, app: str) -> None:
+    path = dockpoint.address(app)
+    endpoint_dir(runtime).mkdir(mode=0o700)
+    half = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    half.bind(path[: -len(".sock")] + ".new")  # a holder died between bind and rename
+    half.close()
+    with dockpoint.claim(app) as dp:
+        assert os.path.exists(dp.address)
+        assert not os.path.exists(path[: -len(".sock")] + ".new")
+
+
+def test_unsafe_directory_modes_are_refused(runtime: Path, app: str) -> None:
+    d = endpoint_dir(runtime)
+    d.mkdir(mode=0o700)
+    os.chmod(d, 0o755)
+    for call in (lambda: dockpoint.claim(app), lambda: dockpoint.connect(app)):
+        with pytest.raises(PermissionError, match="lets group or others in") as info:
+            call()
+        assert info.value.filename == str(d)
+    assert list(d.iterdir()) == []
+
+
+def test_unsafe_runtime_dir_is_refused(runtime: Path, app: str) -> None:
+    os.chmod(runtime, 0o777)
+    with pytest.raises(PermissionError, match="0777") as info:
+        dockpoint.claim(app)
+    assert info.value.filename == str(runtime)
+    assert list(runtime.iterdir()) == []
+
+
+def test_symlinked_endpoint_directory_is_refused(runtime: Path, tmp_path: Path, app: str) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o700)
+    endpoint_dir(runtime).symlink_to(elsewhere)
+    with pytest.raises(PermissionError, match="symbolic link"):
+        dockpoint.claim(app)
+    with pytest.raises(PermissionError, match="symbolic link"):
+        dockpoint.connect(app)
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_symlink_at_lock_path_is_not_followed(runtime: Path, tmp_path: Path, app: str) -> None:
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    endpoint_dir(runtime).mkdir(mode=0o700)
+    (endpoint_dir(runtime) / f"{app}@default.lock").symlink_to(victim)
+    with pytest.raises(OSError) as info:
+        dockpoint.claim(app)
+    assert not isinstance(info.value, (TypeError, ValueError))
+    assert victim.read_text() == "precious"
+
+
+@pytest.mark.skipif(not LINUX, reason="bind through /proc/self/fd is Linux-only")
+def test_overlong_directory_still_works(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    os.chmod(deep, 0o700)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(deep))
+    app = "t" + uuid.uuid4().hex[:12]
+    where = dockpoint.address(app)
+    assert len(os.fsencode(where)) > 107 and where.startswith(str(deep))
+    with dockpoint.claim(app) as dp:
+        assert dp.address == where and os.path.exists(where)
+        conn = dockpoint.connect(app)
+        assert conn is not None
+        server = dp.accept(timeout=10)
+        conn.write(b"long")
+        assert server.read(timeout=10) == b"long"
+        conn.close()
+        server.close()
+    assert not os.path.exists(where)
+
+
+def test_longest_names_work(runtime: Path) -> None:
+    app, instance = "a" * 64, "B" * 64
+    where = dockpoint.address(app, instance)
+    assert len(os.fsencode(where)) <= _posix.SUN_PATH_MAX
+    with dockpoint.claim(app, instance) as dp:
+        assert dockpoint.claim(app, instance.lower()) is None
+        conn = dockpoint.connect(app, instance)
+        assert conn is not None
+        conn.close()
+        dp.accept(timeout=10).close()
+
+
+@pytest.mark.skipif(LINUX, reason="Linux binds overlong paths through /proc/self/fd")
+def test_overlong_directory_is_a_value_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    os.chmod(deep, 0o700)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(deep))
+    with pytest.raises(ValueError, match="sun_path"):
+        dockpoint.claim("app")
+
+
+# --------------------------------------------------------------------------- fallback dir
+
+
+@pytest.fixture
+def no_xdg(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    where = Path(os.path.dirname(dockpoint.address("x")))
+    yield where
+
+
+def test_fallback_location_is_documented_and_private(no_xdg: Path) -> None:
+    uid = os.geteuid()
+    run_user = Path(f"/run/user/{uid}")
+    if run_user.is_dir() and run_user.stat().st_uid == uid:
+        assert no_xdg == run_user / "dockpoint"
+    else:
+        assert no_xdg == Path(f"/tmp/dockpoint-{uid}")
+
+
+@as_root
+@pytest.mark.parametrize("kind", ["directory", "symlink"])
+def test_planted_fallback_directory_is_refused(no_xdg: Path, kind: str) -> None:
+    if not str(no_xdg).startswith("/tmp/"):
+        pytest.skip(f"the fallback here is {no_xdg}, not in /tmp")
+    if os.path.lexists(no_xdg):
+        pytest.skip(f"{no_xdg} exists already; not touching a real user's directory")
+    bait = f"/tmp/dockpoint-bait-{uuid.uuid4().hex[:8]}"
+    plant = f"import os; os.mkdir({bait!r}, 0o777); os.chmod({bait!r}, 0o777)\n" + (
+        f"os.mkdir({str(no_xdg)!r}, 0o777); os.chmod({str(no_xdg)!r}, 0o777)\n"
+        if kind == "directory"
+        else f"os.symlink({bait!r}, {str(no_xdg)!r})\n"
+    )
+    try:
+        done = as_nobody(plant)
+        assert done.returncode == 0, done.stderr
+        assert os.lstat(no_xdg).st_uid == NOBODY
+        app = "t" + uuid.uuid4().hex[:12]
+        with pytest.raises(PermissionError) as info:
+            dockpoint.claim(app)
+        assert info.value.filename == str(no_xdg)
+        assert "owned by uid 65534" in str(info.value) or "symbolic link" in str(info.value)
+        with pytest.raises(PermissionError):
+            dockpoint.connect(app)
+        assert os.listdir(bait) == []
+        if kind == "directory":
+            assert os.listdir(no_xdg) == []
+    finally:
+        if os.path.islink(no_xdg):
+            os.unlink(no_xdg)
+        elif os.path.isdir(no_xdg):
+            os.rmdir(no_xdg)
+        if os.path.isdir(bait):
+            os.rmdir(bait)
+
+
+# --------------------------------------------------------------------------- other users
+
+
+@pytest.fixture
+def reachable_runtime(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A 0700 runtime dir whose ancestors another user can traverse (pytest's are 0700)."""
+    import shutil
+    import tempfile
+
+    rt = Path(tempfile.mkdtemp(prefix="dockpoint-test-", dir="/tmp"))
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(rt))
+    yield rt
+    shutil.rmtree(rt, ignore_errors=True)
+
+
+@as_root
+def test_another_user_cannot_reach_the_socket(reachable_runtime: Path) -> None:
+    runtime, app = reachable_runtime, "t" + uuid.uuid4().hex[:12]
+    with dockpoint.claim(app) as dp:
+        os.chmod(runtime, 0o711)  # let uid 65534 traverse the runtime dir; ours stays 0700
+        try:
+            code = (
+                "import socket, sys\n"
+                "s = socket.socket(socket.AF_UNIX)\n"
+                "try:\n    s.connect(sys.argv[1])\nexcept PermissionError:\n"
+                "    print('denied')\nelse:\n    print('connected')\n"
+            )
+            done = as_nobody(code, dp.address)
+            assert done.stdout.strip() == "denied", done.stderr
+            with pytest.raises(TimeoutError):
+                dp.accept(timeout=0.1)
+        finally:
+            os.chmod(runtime, 0o700)
+
+
+@as_root
+def test_daemon_drops_a_client_of_another_user(reachable_runtime: Path) -> None:
+    runtime, app = reachable_runtime, "t" + uuid.uuid4().hex[:12]
+    with dockpoint.claim(app) as dp:
+        d = endpoint_dir(runtime)
+        # Simulate a permission mistake that lets another user reach the socket.
+        os.chmod(runtime, 0o711)
+        os.chmod(d, 0o711)
+        os.chmod(dp.address, 0o777)
+        try:
+            code = (
+                "import socket, sys\n"
+                "s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])\n"
+                "s.settimeout(10)\n"
+                "try:\n    got = s.recv(10)\nexcept ConnectionResetError:\n    got = b''\n"
+                "print('dropped' if got == b'' else 'served')\n"
+            )
+            child = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-c",
+                    "import os, socket, sys\n"
+                    f"os.setgroups([]); os.setgid({NOBODY}); os.setuid({NOBODY})\n" + code,
+                    dp.address,
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=child_env(),
+            )
+            try:
+                with pytest.raises(TimeoutError):  # the foreign client is never handed out
+                    dp.accept(timeout=1)
+                out, err = child.communicate(timeout=20)
+            finally:
+                if child.poll() is None:
+                    child.kill()
+                    child.wait(10)
+            assert out.strip() == "dropped", err
+            # A client of our own user, arriving by the same path, is served.
+            ok = socket.socket(socket.AF_UNIX)
+            ok.connect(dp.address)
+            with dp.accept(timeout=10) as conn:
+                assert conn.peer_pid == os.getpid()
+            ok.close()
+        finally:
+            os.chmod(d, 0o700)
+            os.chmod(runtime, 0o700)
+
+
+@as_root
+def test_client_refuses_a_server_of_another_user(runtime: Path, app: str) -> None:
+    d = endpoint_dir(runtime)
+    d.mkdir(mode=0o700)
+    path = dockpoint.address(app)
+    # Bound by root inside our private directory, then listening as uid 65534: the peer
+    # credentials the client sees are the listener's.
+    code = (
+        "import os, socket, sys\n"
+        "s = socket.socket(socket.AF_UNIX); s.bind(sys.argv[1])\n"
+        f"os.setgroups([]); os.setgid({NOBODY}); os.setuid({NOBODY})\n"
+        "s.listen(8); print('ready', flush=True); sys.stdin.readline()\n"
+    )
+    impostor = Child(code, path)
+    try:
+        impostor.expect("ready")
+        with pytest.raises(PermissionError, match="served by uid 65534") as info:
+            dockpoint.connect(app)
+        assert info.value.filename == path
+    finally:
+        impostor.stop()
+
+
+# --------------------------------------------------------------------------- fork
+
+
+FORKER = """
+import dockpoint, os, sys
+app = sys.argv[1]
+dp = dockpoint.claim(app)
+pid = os.fork()
+if pid == 0:
+    dp.close()          # the child's copy only
+    os._exit(0)
+os.waitpid(pid, 0)
+print("child-closed", os.path.exists(dp.address), flush=True)
+sys.stdin.readline()    # the test checks the endpoint now
+conn = dp.accept(timeout=10)
+conn.write(b"parent"); conn.close()
+sys.stdin.readline()
+dp.close()
+print("parent-closed", flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_forked_child_close_leaves_parent_claimed(app: str) -> None:
+    parent = Child(FORKER, app)
+    try:
+        assert parent.line() == "child-closed True"
+        assert dockpoint.claim(app) is None  # still claimed by the parent
+        parent.send("go")
+        conn = dockpoint.connect(app, timeout=10)
+        assert conn is not None
+        with conn:
+            assert conn.read(timeout=10) == b"parent"
+        assert conn.peer_pid == parent.pid
+        parent.send("close")
+        parent.expect("parent-closed")
+        dp = dockpoint.claim(app)
+        assert dp is not None
+        dp.close()
+    finally:
+        parent.stop()
+
+
+LINGERING_CHILD = """
+import dockpoint, os, sys
+dp = dockpoint.claim(sys.argv[1])
+r, w = os.pipe()
+pid = os.fork()
+if pid == 0:            # keeps its inherited copies open and waits
+    os.close(w)
+    os.read(r, 1)
+    os._exit(0)
+os.close(r)
+dp.close()
+print("parent-closed", flush=True)
+sys.stdin.readline()
+os.close(w)
+os.waitpid(pid, 0)
+"""
+
+
+def test_parent_close_releases_while_a_forked_child_lives(app: str) -> None:
+    # flock belongs to the open file description, which the child shares: the parent's
+    # close() must unlock explicitly, not merely close its descriptor.
+    parent = Child(LINGERING_CHILD, app)
+    try:
+        parent.expect("parent-closed")
+        dp = dockpoint.claim(app)
+        assert dp is not None, "the forked child's copy kept the claim"
+        dp.close()
+        parent.send("done")
+        assert parent.proc.wait(10) == 0
+    finally:
+        parent.stop()
+
+
+def test_sigint_during_accept_raises_keyboardinterrupt(app: str, children: list[Child]) -> None:
+    code = (
+        "import dockpoint, sys\n"
+        "dp = dockpoint.claim(sys.argv[1])\n"
+        "try:\n    print('ready', flush=True)\n    dp.accept()\nexcept KeyboardInterrupt:\n"
+        "    dp.close(); print('interrupted', flush=True)\n"
+    )
+    child = Child(code, app)
+    children.append(child)
+    child.expect("ready")
+    child.proc.send_signal(signal.SIGINT)
+    child.expect("interrupted")
+    assert child.proc.wait(10) == 0
+    dp = dockpoint.claim(app)
+    assert dp is not None
+    dp.close()
+
+
+def test_close_in_a_signal_handler_during_accept(app: str, children: list[Child]) -> None:
+    code = (
+        "import dockpoint, signal, sys\n"
+        "dp = dockpoint.claim(sys.argv[1])\n"
+        "signal.signal(signal.SIGTERM, lambda *a: dp.close())\n"
+        "print('ready', flush=True)\n"
+        "try:\n    dp.accept()\nexcept dockpoint.DockpointClosedError:\n"
+        "    print('closed', flush=True)\n"
+    )
+    child = Child(code, app)
+    children.append(child)
+    child.expect("ready")
+    child.proc.send_signal(signal.SIGTERM)
+    child.expect("closed")
+    assert child.proc.wait(10) == 0
+    assert dockpoint.connect(app) is None
+    dp = dockpoint.claim(app)
+    assert dp is not None
+    dp.close()
+
+
+# --------------------------------------------------------------------------- burst
+
+
+def test_burst_of_clients_queues_in_the_backlog(app: str) -> None:
+    n = 600
+    with dockpoint.claim(app) as dp:
+        clients = []
+        try:
+            for _ in range(n):  # nobody accepts yet: each one must wait in the backlog
+                conn = dockpoint.connect(app, timeout=5)
+                assert conn is not None, f"refused after {len(clients)} clients"
+                clients.append(conn)
+            served = []
+            for _ in range(n):
+                served.append(dp.accept(timeout=10))
+            assert len(served) == n
+        finally:
+            for c in clients:
+                c.close()
+        for s in served:
+            assert s.read(timeout=10) == b""
+            s.close()
+
+
+# --------------------------------------------------------------------------- import
+
+
+def test_import_pulls_in_no_ctypes_nor_typing_helpers() -> None:
+    code = (
+        f"import socket, sys; sys.path.insert(0, {PACKAGE_ROOT!r})\n"
+        "before = set(sys.modules)\n"
+        "import dockpoint\n"
+        "print(' '.join(sorted(set(sys.modules) - before)))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-I", "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=PACKAGE_ROOT,
+    )
+    assert done.returncode == 0, done.stderr
+    new = set(done.stdout.split())
+    assert "ctypes" not in new
+    assert not new & {"typing", "typing_extensions", "threading", "re", "hashlib", "struct"}
+    allowed = {"dockpoint", "dockpoint._common", "dockpoint._posix", "fcntl", "errno", "__future__"}
+    assert new <= allowed, new
+
+
+EXEC_PARENT = """
+import dockpoint, subprocess, sys
+dp = dockpoint.claim(sys.argv[1])
+kid = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
+                       stdin=subprocess.PIPE, close_fds=False)
+print(kid.pid, flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_exec_children_do_not_inherit_the_claim(app: str, children: list[Child]) -> None:
+    parent = Child(EXEC_PARENT, app)
+    children.append(parent)
+    kid = int(parent.line())
+    try:
+        parent.proc.kill()  # the holder dies; its exec'd child lives on
+        parent.proc.wait(10)
+        os.kill(kid, 0)  # still running
+        dp = dockpoint.claim(app)
+        assert dp is not None, "an exec'd child kept the claim alive"
+        dp.close()
+    finally:
+        os.kill(kid, signal.SIGKILL)
+        try:
+            os.waitpid(kid, 0)
+        except ChildProcessError:
+            pass  # not our child: reaped by init
