@@ -1,5 +1,5 @@
-"""Developer tasks: ``nox`` runs tests, lint and typecheck; ``nox -s wine`` and
-``nox -s bench`` are the Windows-under-Wine lane and the benchmark."""
+"""Developer tasks: ``nox`` runs tests, lint and typecheck; ``nox -s wine`` runs the
+test suite against the Windows backend under Wine; ``nox -s bench`` is the benchmark."""
 
 from __future__ import annotations
 
@@ -31,3 +31,20 @@ def typecheck(session: nox.Session) -> None:
     session.install("mypy")
     for platform in ("linux", "darwin", "win32"):
         session.run("mypy", "--platform", platform, "dockpoint")
+
+
+@nox.session(python=False)
+def wine(session: nox.Session) -> None:
+    """The same test suite against the Windows backend: official Windows CPython 3.12
+    under Wine (installed and cached by ``.ci/wine_lane.py setup`` on first use)."""
+    session.run("python3", ".ci/wine_lane.py", "setup", external=True)
+    session.run("python3", ".ci/wine_lane.py", "pytest", "-q", *session.posargs, external=True)
+
+
+@nox.session(python="3.11")
+def bench(session: nox.Session) -> None:
+    """The benchmark (tests/bench/bench.py) against the installed package: prints a table
+    and one summary line. It reports and never gates: a missed target still exits 0.
+    ``nox -s bench -- --wine`` adds row 7 (the Windows backend under Wine)."""
+    session.install(".")
+    session.run("python", "tests/bench/bench.py", *session.posargs)

@@ -100,7 +100,7 @@ def test_address_is_where_the_endpoint_lives(app: str) -> None:
     assert where != dockpoint.address(app, "other")
     with dockpoint.claim(app) as dp:
         assert dp.address == where
-        assert where in repr(dp)
+        assert repr(where) in repr(dp)
 
 
 # --------------------------------------------------------------------------- connect
@@ -114,7 +114,7 @@ def test_connect_returns_none_when_nobody_is_there(app: str) -> None:
 def test_connect_with_timeout_gives_up_with_none(app: str) -> None:
     start = time.monotonic()
     assert dockpoint.connect(app, timeout=0.3) is None
-    assert time.monotonic() - start >= 0.3  # it kept trying for the whole time
+    assert time.monotonic() - start >= 0.29  # kept trying all along (Windows clocks tick in ms)
 
 
 def test_connect_with_timeout_waits_for_a_daemon_that_comes(app: str) -> None:
@@ -525,7 +525,6 @@ for line in sys.stdin:
 """
 
 
-@needs_real_windows_or_posix
 def test_handover_torture(app: str, children: list[Child]) -> None:
     a, b = Child(SPINNER, app), Child(SPINNER, app)
     children.extend([a, b])

@@ -1,0 +1,645 @@
+"""``python -m dockpoint``: an echo daemon, a frontend that starts it on demand, and a
+status report that shows the state of any app's endpoint.
+
+``serve`` and ``send`` are the whole auto-spawning client-daemon pattern built only on
+the public API; ``status`` is what a user runs when their own daemon misbehaves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from time import monotonic
+
+import dockpoint
+from dockpoint._common import endpoint_stem
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # pragma: no cover - names for type hints only
+    import subprocess
+    from collections.abc import Sequence
+    from types import FrameType
+    from typing import TextIO
+
+PROG = "python -m dockpoint"
+
+#: Exit statuses (documented in ``--help``).
+EXIT_OK = 0
+EXIT_NOBODY = 1
+EXIT_ERROR = 2
+
+#: Longest request line the echo daemon reads; a longer one is dropped unanswered.
+MAX_LINE = 65536
+#: Seconds the echo daemon waits for a client's request line before dropping it.
+REQUEST_TIMEOUT = 5.0
+#: Default idle time of a daemon that ``send`` starts.
+DEFAULT_SPAWN_IDLE = 600.0
+#: Default for how long ``send`` keeps trying to get an answer.
+DEFAULT_SEND_TIMEOUT = 10.0
+#: Default for how long ``status`` waits for a claimed endpoint to accept its probe.
+DEFAULT_STATUS_TIMEOUT = 2.0
+#: ``send`` starts at most this many daemons itself (a lost race costs one).
+MAX_SPAWNS = 3
+
+PROTOCOL = (
+    "protocol: a client sends one line (bytes ending in a newline); the daemon answers "
+    "with its own process id, a space and the same line, then closes the connection. "
+    "Example: request b'hello\\n', reply b'4242 hello\\n'."
+)
+
+EXIT_CODES = """\
+exit status:
+  0  success (for status: a daemon answered)
+  1  no daemon answered
+  2  usage error, or a problem to fix first (a bad name, an unsafe directory, ...)"""
+SERVE_EXIT = """\
+exit status:
+  0  stopped (idle, or by a signal), or another process already serves APP
+  2  usage error, or a problem to fix first (a bad name, an unsafe directory, ...)"""
+SEND_EXIT = """\
+exit status:
+  0  the reply was printed
+  1  no daemon answered within --timeout (with --no-spawn: nobody is there)
+  2  usage error, or a problem to fix first (a bad name, an unsafe directory, ...)"""
+STATUS_EXIT = """\
+exit status:
+  0  a daemon answered
+  1  nobody is there (or the holder does not accept connections)
+  2  a problem to fix first (a bad name, an unsafe directory, a file in the way)"""
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Wraps each paragraph of a description on its own; keeps indented blocks (examples,
+    tables) as written."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        import textwrap
+
+        paragraphs = []
+        for paragraph in text.split("\n\n"):
+            if "\n " in paragraph:
+                paragraphs.append("\n".join(indent + line for line in paragraph.splitlines()))
+            else:
+                words = " ".join(paragraph.split())
+                paragraphs.append(
+                    textwrap.fill(words, width, initial_indent=indent, subsequent_indent=indent)
+                )
+        return "\n\n".join(paragraphs)
+
+
+class UserError(Exception):
+    """A problem the user has to fix; reported on stderr without a traceback."""
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _say(stream: TextIO | None, text: str) -> None:
+    """Write a line to ``stream`` (stdout/stderr), ignoring a closed or missing stream
+    (a detached daemon's streams are the null device; under pythonw they are ``None``)."""
+    if stream is None:
+        return
+    try:
+        stream.write(text + "\n")
+        stream.flush()
+    except (OSError, ValueError):
+        pass
+
+
+def _log(text: str) -> None:
+    _say(sys.stderr, "dockpoint: " + text)
+
+
+def _describe(exc: BaseException) -> str:
+    """A one-line description of ``exc`` without the ``[Errno N]`` noise."""
+    if isinstance(exc, OSError) and exc.strerror:
+        text = exc.strerror
+        if exc.filename is not None:
+            text += f": {exc.filename!r}"
+        return text
+    return str(exc) or type(exc).__name__
+
+
+def _seconds(text: str) -> float:
+    """argparse type: a number of seconds >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value >= 0.0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds >= 0: {text!r}")
+    return value
+
+
+def _read_line(conn: dockpoint.DockpointConnection, deadline: float) -> bytes:
+    """Read up to and including a newline, or to end of stream, before ``deadline``.
+
+    :raises TimeoutError: the line did not complete in time.
+    """
+    data = b""
+    while not data.endswith(b"\n") and len(data) < MAX_LINE:
+        left = deadline - monotonic()
+        if left <= 0:
+            raise TimeoutError("no complete line in time")
+        chunk = conn.read(MAX_LINE - len(data), timeout=left)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+# --------------------------------------------------------------------------- serve
+
+
+def serve(app: str, instance: str, idle: float | None) -> int:
+    """Run the echo daemon for ``(app, instance)`` until idle, closed or signalled."""
+    dp = dockpoint.claim(app, instance)
+    if dp is None:
+        return EXIT_OK  # another daemon holds the claim: it serves this app's clients
+    with dp:
+        _stop_on_signals(dp)
+        pid = os.getpid()
+        prefix = b"%d " % pid
+        stem = endpoint_stem(app, instance)
+        _say(sys.stdout, f"dockpoint: serving {stem} at {dp.address} (pid {pid})")
+        while True:
+            try:
+                conn = dp.accept(timeout=idle)
+            except TimeoutError:
+                _say(sys.stdout, f"dockpoint: no client for {idle:g} s; stopping")
+                break
+            except dockpoint.DockpointClosedError:
+                _say(sys.stdout, "dockpoint: stopped")
+                break
+            with conn:
+                try:
+                    line = _read_line(conn, monotonic() + REQUEST_TIMEOUT)
+                    if line.endswith(b"\n"):
+                        conn.write(prefix + line)
+                    elif line and len(line) < MAX_LINE:  # the stream ended without a newline
+                        conn.write(prefix + line + b"\n")
+                except OSError:  # the client was too slow or went away: drop it
+                    pass
+    return EXIT_OK
+
+
+def _stop_on_signals(dp: dockpoint.Dockpoint) -> None:
+    """Make SIGTERM, SIGINT, SIGHUP (SIGBREAK on Windows) release the endpoint cleanly."""
+    import signal
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        dp.close()  # wakes accept(), which raises DockpointClosedError
+
+    for name in ("SIGTERM", "SIGINT", "SIGHUP", "SIGBREAK"):
+        number = getattr(signal, name, None)
+        if number is not None:
+            try:
+                signal.signal(number, stop)
+            except (OSError, ValueError):  # not settable here (not the main thread, ...)
+                pass
+
+
+# --------------------------------------------------------------------------- send
+
+
+def spawn_daemon(app: str, instance: str, idle: float) -> subprocess.Popen[bytes]:
+    """Start ``serve`` for ``(app, instance)`` in the background, detached from this
+    process: its own session (process group on Windows), no console, standard streams on
+    the null device and no inherited descriptors, so a caller waiting for this frontend's
+    pipes to close is never kept waiting by the daemon."""
+    import subprocess
+
+    if not sys.executable:
+        raise UserError("cannot start a daemon: the Python executable is unknown")
+    command = [sys.executable, "-m", "dockpoint", "serve", app]
+    command += ["--instance", instance, "--idle", repr(idle)]
+    devnull = subprocess.DEVNULL
+    if sys.platform == "win32":
+        flags = subprocess.DETACHED_PROCESS | subprocess.CREATE_NEW_PROCESS_GROUP
+        return subprocess.Popen(
+            command,
+            stdin=devnull,
+            stdout=devnull,
+            stderr=devnull,
+            close_fds=True,
+            creationflags=flags,
+        )
+    return subprocess.Popen(
+        command,
+        stdin=devnull,
+        stdout=devnull,
+        stderr=devnull,
+        close_fds=True,
+        start_new_session=True,
+    )
+
+
+def send(
+    app: str,
+    instance: str,
+    message: bytes,
+    *,
+    timeout: float,
+    spawn: bool,
+    idle: float,
+    verbose: bool,
+) -> int:
+    """Send ``message`` to the daemon, starting one if nobody is there; print the reply."""
+    stem = endpoint_stem(app, instance)
+    deadline = monotonic() + timeout
+    child: subprocess.Popen[bytes] | None = None
+    spawned = 0
+    wait = 0.1  # the first slice of the bounded back-off after a spawn
+    try:
+        while True:
+            conn = dockpoint.connect(app, instance)
+            if conn is None and spawn:
+                if child is not None and child.poll() not in (None, 0):
+                    raise UserError(
+                        f"the daemon started for {stem} exited with status {child.returncode}; "
+                        f"run '{PROG} serve {app} --instance {instance}' to see why"
+                    )
+                if (child is None or child.returncode is not None) and spawned < MAX_SPAWNS:
+                    child = spawn_daemon(app, instance, idle)
+                    spawned += 1
+                    if verbose:
+                        _log(f"no daemon answered for {stem}; started one (pid {child.pid})")
+                left = deadline - monotonic()
+                conn = dockpoint.connect(app, instance, timeout=max(0.0, min(wait, left)))
+                wait = min(wait * 2, 2.0)
+            if conn is not None:
+                with conn:
+                    if verbose:
+                        _log(f"connected to {stem} (daemon pid {conn.peer_pid})")
+                    try:
+                        conn.write(message + b"\n")
+                        reply = _read_line(conn, max(deadline, monotonic() + 0.5))
+                    except TimeoutError:
+                        return _give_up(stem, timeout, "the daemon did not answer")
+                    except OSError:  # the daemon went away while we talked to it
+                        reply = b""
+                if reply:
+                    out = getattr(sys.stdout, "buffer", None)
+                    if out is not None:
+                        out.write(reply if reply.endswith(b"\n") else reply + b"\n")
+                        out.flush()
+                    return EXIT_OK
+                if verbose:
+                    _log(f"the daemon for {stem} closed without answering; trying again")
+            elif not spawn:
+                _log(f"no daemon is serving {stem} (not starting one: --no-spawn)")
+                return EXIT_NOBODY
+            if monotonic() >= deadline:
+                return _give_up(stem, timeout, "no daemon answered")
+    finally:
+        # Leave a daemon we started running: drop our handle without a ResourceWarning.
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ResourceWarning)
+            child = None
+
+
+def _give_up(stem: str, timeout: float, why: str) -> int:
+    _log(f"{why} for {stem} within {timeout:g} s")
+    return EXIT_NOBODY
+
+
+# --------------------------------------------------------------------------- status
+
+
+def status(app: str, instance: str, timeout: float) -> int:
+    """Print where the endpoint lives and what state it is in; return the exit status."""
+    stem = endpoint_stem(app, instance)
+    address = dockpoint.address(app, instance)
+    report: list[tuple[str, str]] = [("endpoint", stem), ("address", address)]
+    claimed: bool | None = None
+    problem: str | None = None
+    if sys.platform != "win32":
+        claimed, problem = _inspect_files(address, stem, report)
+    code = EXIT_ERROR
+    if problem is None:
+        try:
+            # Wait for a holder that may be busy; make one quick attempt otherwise.
+            conn = dockpoint.connect(app, instance, timeout=timeout if claimed else None)
+        except OSError as exc:
+            problem = _describe(exc)
+        else:
+            if conn is None:
+                code = EXIT_NOBODY
+                if claimed:
+                    report.append(("daemon", f"not accepting connections within {timeout:g} s"))
+                else:
+                    report.append(("daemon", "none: nobody is there"))
+            else:
+                code = EXIT_OK
+                with conn:
+                    pid = conn.peer_pid
+                report.append(("daemon", "answering" + (f", pid {pid}" if pid else "")))
+    width = max(len(key) for key, _ in report)
+    for key, value in report:
+        _say(sys.stdout, f"{key.ljust(width)}  {value}")
+    if problem is not None:
+        _log(f"error: {problem}")
+        return EXIT_ERROR
+    return code
+
+
+if sys.platform != "win32":
+
+    def _inspect_files(
+        address: str, stem: str, report: list[tuple[str, str]]
+    ) -> tuple[bool | None, str | None]:
+        """Describe the endpoint directory, lock file and socket file into ``report``.
+
+        Never takes the lock (that would make a concurrent claim fail). Returns whether
+        the claim is held and a problem that prevents an answer.
+        """
+        import stat
+
+        directory, _, sock_name = address.rpartition("/")
+        try:
+            st = os.lstat(directory)
+        except FileNotFoundError:
+            report.append(("directory", f"{directory} (does not exist yet)"))
+            report.append(("claim", "free (no daemon has run here)"))
+            return False, None
+        uid = os.geteuid()
+        why = None
+        if stat.S_ISLNK(st.st_mode):
+            why = "it is a symbolic link"
+        elif not stat.S_ISDIR(st.st_mode):
+            why = "it is not a directory"
+        elif st.st_uid != uid:
+            why = f"it is owned by uid {st.st_uid}, not by uid {uid}"
+        elif st.st_mode & 0o077:
+            why = f"its mode {st.st_mode & 0o7777:04o} lets group or others in (must be 0700)"
+        if why is not None:
+            report.append(("directory", f"{directory} (UNSAFE: {why})"))
+            return None, f"unsafe directory for dockpoint: {why}: {directory!r}"
+        report.append(("directory", f"{directory} (safe: yours, mode 0700)"))
+
+        lock_path = f"{directory}/{stem}.lock"
+        pid, held, problem = _read_lock(lock_path)
+        if problem is not None:
+            report.append(("lock file", f"{lock_path} (NOT A REGULAR FILE OF YOURS)"))
+            return None, problem
+        alive = pid is not None and _pid_alive(pid)
+        if held is None:  # no /proc/locks here: the recorded pid is the best evidence
+            held = alive
+        if held:
+            text = f"held by pid {pid}" if pid is not None else "held (holder pid not recorded)"
+        elif pid is not None and not alive:
+            text = f"free; the lock file names pid {pid}, which is gone (did not exit cleanly)"
+        elif pid is not None:
+            text = f"free; the lock file names pid {pid}, which runs but does not hold it"
+        else:
+            text = "free"
+        report.append(("claim", text))
+        report.append(("lock file", lock_path if os.path.lexists(lock_path) else "none"))
+
+        try:
+            sst = os.lstat(address)
+        except FileNotFoundError:
+            report.append(("socket", "none"))
+        else:
+            if not stat.S_ISSOCK(sst.st_mode):
+                report.append(("socket", "NOT A SOCKET: remove it"))
+                problem = (
+                    f"something that is not a socket sits at the endpoint path; no daemon "
+                    f"can claim {stem} until it is removed: {address!r}"
+                )
+            elif held:
+                report.append(("socket", "present"))
+            else:
+                report.append(
+                    (
+                        "socket",
+                        "stale: left by a daemon that did not exit cleanly "
+                        "(the next claim replaces it)",
+                    )
+                )
+        leftover = f"{directory}/{sock_name[: -len('.sock')]}.new"
+        if not held and os.path.lexists(leftover):
+            report.append(
+                (
+                    "leftover",
+                    f"{leftover}: stale, left by a daemon that died while claiming "
+                    "(the next claim removes it)",
+                )
+            )
+        return held, problem
+
+    def _read_lock(path: str) -> tuple[int | None, bool | None, str | None]:
+        """The pid recorded in the lock file; whether the file is ``flock``-ed (from
+        ``/proc/locks`` on Linux, ``None`` where that cannot be told); a problem."""
+        import stat
+
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None, False, None
+        except OSError as exc:  # a symlink (ELOOP), no permission, ...
+            return None, None, f"cannot read the lock file: {_describe(exc)}"
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+                return None, None, f"the lock file is not a regular file of this user: {path!r}"
+            raw = os.read(fd, 64)
+        finally:
+            os.close(fd)
+        text = raw.decode("ascii", "replace").strip()
+        pid = int(text) if text.isdigit() and 0 < int(text) < 1 << 31 else None
+        return pid, _flocked(st), None
+
+    def _flocked(st: os.stat_result) -> bool | None:
+        """Whether a ``flock`` lock is held on the file ``st`` (Linux ``/proc/locks``)."""
+        try:
+            with open("/proc/locks", encoding="ascii", errors="replace") as f:
+                lines = f.read().splitlines()
+        except OSError:
+            return None
+        wanted = (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
+        for line in lines:
+            # "1: FLOCK  ADVISORY  WRITE 1234 00:2a:5678 0 EOF"; waiters have "->".
+            fields = line.split()
+            if len(fields) < 6 or fields[1] != "FLOCK":
+                continue
+            try:
+                major, minor, ino = fields[5].split(":")
+                if (int(major, 16), int(minor, 16), int(ino)) == wanted:
+                    return True
+            except ValueError:
+                continue
+        return False
+
+    def _pid_alive(pid: int) -> bool:
+        """Whether process ``pid`` is running (a zombie is not: it holds no locks)."""
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # exists, owned by someone else
+            pass
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                state = f.read().rpartition(b")")[2].split()[:1]
+        except OSError:  # no /proc (macOS, BSD), or it just ended
+            return True
+        return state not in ([b"Z"], [b"X"])
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m dockpoint`` argument parser."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description=(
+            "Try out and inspect dockpoint endpoints: an echo daemon, a frontend that "
+            "starts it when nobody is there, and a status report for any app's endpoint."
+        ),
+        epilog=(
+            "examples:\n"
+            f"  {PROG} send demo hello    # the first call starts a daemon\n"
+            f"  {PROG} send demo again    # later calls reuse it\n"
+            f"  {PROG} status demo        # where it lives, who holds it\n\n" + EXIT_CODES
+        ),
+        formatter_class=_HelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"dockpoint {dockpoint.__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    commands.required = True
+
+    def command(name: str, summary: str, description: str, epilog: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(
+            name,
+            help=summary,
+            description=description,
+            epilog=epilog,
+            formatter_class=_HelpFormatter,
+        )
+        sub.add_argument("app", metavar="APP", help="the app name (letters, digits, _ . -)")
+        sub.add_argument(
+            "-i",
+            "--instance",
+            default="default",
+            metavar="NAME",
+            help="which endpoint of APP (default: %(default)s)",
+        )
+        sub.set_defaults(parser=sub)  # for errors found after parsing
+        return sub
+
+    serve_cmd = command(
+        "serve",
+        "run an echo daemon for APP (exits quietly if one is already running)",
+        "Claim APP's endpoint and answer every client, one at a time. Once it accepts "
+        "clients it prints 'dockpoint: serving APP@NAME at ADDRESS (pid N)'. If another "
+        "process holds the claim it exits 0 at once and prints nothing. SIGTERM, SIGINT "
+        "and SIGHUP release the endpoint and exit.\n\n" + PROTOCOL,
+        SERVE_EXIT,
+    )
+    serve_cmd.add_argument(
+        "--idle",
+        type=_seconds,
+        default=None,
+        metavar="SECONDS",
+        help="exit after SECONDS without a client (default: serve until stopped)",
+    )
+
+    send_cmd = command(
+        "send",
+        "send MESSAGE to APP's daemon, starting the daemon if nobody is there",
+        "Connect to APP's daemon and print its reply. When nobody is there, start "
+        f"'{PROG} serve APP' in the background, detached from this terminal, and retry "
+        "with a growing pause until it answers or --timeout runs out. Any number of "
+        "concurrent 'send's end up talking to one daemon.\n\n" + PROTOCOL,
+        SEND_EXIT,
+    )
+    send_cmd.add_argument("message", metavar="MESSAGE", help="one line of text to send")
+    send_cmd.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=DEFAULT_SEND_TIMEOUT,
+        metavar="SECONDS",
+        help="give up after SECONDS without an answer (default: %(default)g)",
+    )
+    send_cmd.add_argument(
+        "--idle",
+        type=_seconds,
+        default=DEFAULT_SPAWN_IDLE,
+        metavar="SECONDS",
+        help="a daemon this command starts exits after SECONDS without a client "
+        "(default: %(default)g)",
+    )
+    send_cmd.add_argument(
+        "--no-spawn",
+        dest="spawn",
+        action="store_false",
+        help="never start a daemon; exit 1 if nobody is there",
+    )
+    send_cmd.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="report on stderr what happens (daemon started, its pid, retries)",
+    )
+
+    status_cmd = command(
+        "status",
+        "show where APP's endpoint lives and whether a daemon answers",
+        "Show the endpoint's address, whether its directory is safe, whether the claim "
+        "is held and by which pid, whether a daemon accepts connections, and any files "
+        "left over by a daemon that died. Never takes the claim. The check connects "
+        "once and closes without sending anything.",
+        STATUS_EXIT,
+    )
+    status_cmd.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=DEFAULT_STATUS_TIMEOUT,
+        metavar="SECONDS",
+        help="how long a claimed endpoint may take to accept the check (default: %(default)g)",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``python -m dockpoint`` with ``argv`` (default: the command line)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    sub: argparse.ArgumentParser = args.parser
+    try:
+        endpoint_stem(args.app, args.instance)
+    except (TypeError, ValueError) as exc:
+        sub.error(str(exc))
+    try:
+        if args.command == "serve":
+            return serve(args.app, args.instance, args.idle)
+        if args.command == "send":
+            message = os.fsencode(args.message)
+            if b"\n" in message or b"\r" in message:
+                sub.error("MESSAGE must be a single line (no line breaks)")
+            return send(
+                args.app,
+                args.instance,
+                message,
+                timeout=args.timeout,
+                spawn=args.spawn,
+                idle=args.idle,
+                verbose=args.verbose,
+            )
+        return status(args.app, args.instance, args.timeout)
+    except KeyboardInterrupt:
+        return 130
+    except (UserError, OSError, ValueError) as exc:
+        # OSError: an unsafe directory, a file in the way, no permission, ...
+        # ValueError: a valid name whose path is too long for this OS.
+        _log(f"error: {_describe(exc)}")
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""README.md's auto-spawn recipe is working code: the two programs are taken from the README
+itself (the fenced blocks after ``<!-- recipe: NAME -->``) and run, so they cannot drift."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from time import monotonic, sleep
+from typing import TYPE_CHECKING
+
+import pytest
+from conftest import LINUX, child_env
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+RECIPE = re.compile(r"^<!-- recipe: (\S+) -->\n```python\n(.*?)^```$", re.MULTILINE | re.DOTALL)
+#: The one line of each program the test changes: the app name (unique per test run).
+APP_LINE = re.compile(r'^APP = "[^"\n]*"$', re.MULTILINE)
+KILL = getattr(signal, "SIGKILL", signal.SIGTERM)
+
+
+def recipe_files() -> dict[str, str]:
+    assert README.is_file(), f"{README} is missing"
+    found: dict[str, str] = {}
+    for name, code in RECIPE.findall(README.read_text(encoding="utf-8")):
+        assert name not in found, f"README.md has two '<!-- recipe: {name} -->' blocks"
+        found[name] = code
+    assert sorted(found) == ["daemon.py", "frontend.py"], (
+        "README.md must hold the recipe as ```python blocks, each right after a "
+        f"'<!-- recipe: daemon.py -->' / '<!-- recipe: frontend.py -->' line; found {sorted(found)}"
+    )
+    return found
+
+
+def running(pid: int) -> bool:
+    """Whether ``pid`` runs; a zombie does not (some containers never reap orphans)."""
+    if sys.platform == "win32":
+        return False  # os.kill(pid, 0) would terminate it; TerminateProcess has done so
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rpartition(b")")[2].split()[0] not in (b"Z", b"X")
+    except OSError:  # no /proc (macOS, BSD)
+        return True
+
+
+def gone(pid: int, timeout: float) -> bool:
+    """Whether process ``pid`` has ended within ``timeout`` seconds."""
+    deadline = monotonic() + timeout
+    while running(pid):
+        if monotonic() >= deadline:
+            return False
+        sleep(0.01)
+    return True
+
+
+@pytest.fixture
+def daemon_pids() -> Iterator[set[int]]:
+    """Pids of daemons the recipe started; killed when the test ends."""
+    pids: set[int] = set()
+    yield pids
+    for pid in pids:
+        try:
+            os.kill(pid, KILL)
+        except OSError:
+            pass
+        assert gone(pid, 10), f"daemon {pid} survived"
+
+
+def test_recipe_runs(tmp_path: Path, runtime: Path, app: str, daemon_pids: set[int]) -> None:
+    """The README's frontend, run twice: the first run starts the README's daemon, the
+    second reuses it. Output is captured, so a daemon holding the frontend's pipes would
+    hang the run (and fail it at the timeout)."""
+    folder = tmp_path / "recipe"
+    folder.mkdir()
+    for name, code in recipe_files().items():
+        ours, count = APP_LINE.subn(f'APP = "{app}"', code)
+        assert count == 1, f"{name} in README.md must set its app name in one 'APP = \"...\"' line"
+        (folder / name).write_text(ours, encoding="utf-8")
+    env = child_env(XDG_RUNTIME_DIR=str(runtime))
+    pids = []
+    for _ in range(2):
+        run = subprocess.run(
+            [sys.executable, str(folder / "frontend.py")],
+            cwd=folder,
+            env=env,
+            capture_output=True,
+            timeout=30,
+            check=False,
+        )
+        assert (run.returncode, run.stderr) == (0, b""), run
+        match = re.fullmatch(rb"daemon (\d+) got hello\r?\n", run.stdout)
+        assert match, run.stdout
+        pids.append(int(match.group(1)))
+        daemon_pids.add(pids[-1])
+    assert pids[0] == pids[1], "the second frontend started another daemon"
+    if LINUX:
+        with open(f"/proc/{pids[0]}/cmdline", "rb") as f:
+            assert str(folder / "daemon.py").encode() in f.read().split(b"\0")

@@ -1,0 +1,461 @@
+"""Windows-only behaviour of the named-pipe backend; runs on Windows and under Wine.
+
+What Wine cannot judge is skipped only under Wine, each with its reason; the logic behind
+those checks is covered by ``test_windows_unit.py`` on every OS.
+"""
+
+from __future__ import annotations
+
+import _thread
+import sys
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+import dockpoint
+from dockpoint import Dockpoint, DockpointClosedError, DockpointConnection
+from dockpoint import _windows as w
+
+if sys.platform != "win32":
+    pytest.skip("Windows backend only", allow_module_level=True)
+
+WINE = w._wine_version()
+OTHER = "S-1-5-21-1004336348-1177238915-682003330-1002"
+ADMINISTRATORS = "S-1-5-32-544"
+
+
+def not_under_wine(reason: str) -> pytest.MarkDecorator:
+    return pytest.mark.skipif(WINE is not None, reason=f"Wine {WINE}: {reason}")
+
+
+@pytest.fixture
+def dp(app: str) -> Iterator[Dockpoint]:
+    got = dockpoint.claim(app)
+    assert got is not None
+    with got:
+        yield got
+
+
+def accept_in_thread(dp: Dockpoint, box: list[object], timeout: float = 20) -> threading.Thread:
+    def run() -> None:
+        try:
+            box.append(dp.accept(timeout=timeout))
+        except BaseException as e:
+            box.append(e)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def pair(dp: Dockpoint, app: str) -> tuple[DockpointConnection, DockpointConnection]:
+    box: list[object] = []
+    t = accept_in_thread(dp, box)
+    client = dockpoint.connect(app, timeout=20)
+    t.join(20)
+    assert client is not None and box and isinstance(box[0], DockpointConnection), box
+    return client, box[0]
+
+
+def listener(dp: Dockpoint) -> w._Listener:
+    got = dp._listener
+    assert isinstance(got, w._Listener)
+    return got
+
+
+def pipe_of(conn: DockpointConnection) -> int:
+    ch = conn._ch
+    assert isinstance(ch, w._Channel)
+    return ch._pipe
+
+
+def interrupt_after(seconds: float) -> threading.Timer:
+    """Simulate Ctrl+C in the main thread (where pytest runs the test) after ``seconds``."""
+    timer = threading.Timer(seconds, _thread.interrupt_main)
+    timer.start()
+    return timer
+
+
+# --------------------------------------------------------------------------- identity
+
+
+def test_address_is_a_pipe_of_this_user(app: str) -> None:
+    sid = w._user_sid()
+    assert sid.startswith("S-1-")
+    w._sddl(sid)  # a well-formed string SID
+    assert dockpoint.address(app) == f"\\\\.\\pipe\\dockpoint-{sid}-{app}@default"
+    assert dockpoint.address(app.upper(), "DEFAULT") == dockpoint.address(app)
+
+
+def test_pipe_owner_is_the_user(dp: Dockpoint, app: str) -> None:
+    client, server = pair(dp, app)
+    with client, server:
+        assert w._pipe_owner(pipe_of(client)) == w._user_sid()
+        assert client.peer_pid == server.peer_pid == __import__("os").getpid()
+
+
+def _security_descriptor_sddl(handle: int) -> str:
+    import ctypes
+
+    advapi32 = ctypes.WinDLL("advapi32", use_last_error=True)
+    to_string = advapi32.ConvertSecurityDescriptorToStringSecurityDescriptorW
+    to_string.restype = ctypes.c_int
+    to_string.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_ulong,
+        ctypes.c_ulong,
+        ctypes.POINTER(ctypes.c_void_p),
+        ctypes.POINTER(ctypes.c_ulong),
+    ]
+    descriptor = ctypes.c_void_p()
+    owner = ctypes.c_void_p()
+    dacl = ctypes.c_void_p()
+    info = 0x1 | 0x4  # OWNER_ | DACL_SECURITY_INFORMATION
+    err = w.GetSecurityInfo(
+        handle, w.SE_KERNEL_OBJECT, info, ctypes.byref(owner), None, ctypes.byref(dacl), None,
+        ctypes.byref(descriptor),
+    )  # fmt: skip
+    assert err == 0, ctypes.WinError(err)
+    try:
+        text = ctypes.c_void_p()
+        assert to_string(descriptor, 1, info, ctypes.byref(text), None), ctypes.WinError()
+        try:
+            return ctypes.wstring_at(text.value)  # type: ignore[arg-type]
+        finally:
+            w.LocalFree(text)
+    finally:
+        w.LocalFree(descriptor)
+
+
+def test_security_descriptor_admits_only_the_user(dp: Dockpoint) -> None:
+    sid = w._user_sid()
+    sddl = _security_descriptor_sddl(listener(dp)._free[0])
+    assert sddl.startswith(f"O:{sid}"), sddl
+    dacl = sddl.partition("D:")[2]
+    assert dacl.startswith("P"), sddl  # protected: no inherited entries
+    assert dacl.count("(") == 1 and dacl.endswith(f";;;{sid})"), sddl
+    assert "(A;;FA;" in dacl or "(A;;GA;" in dacl, sddl
+
+
+def test_handles_are_not_inheritable(dp: Dockpoint, app: str) -> None:
+    import ctypes
+    from ctypes import wintypes
+
+    get = ctypes.WinDLL("kernel32", use_last_error=True).GetHandleInformation
+    get.restype = wintypes.BOOL
+    get.argtypes = [wintypes.HANDLE, ctypes.POINTER(wintypes.DWORD)]
+    client, server = pair(dp, app)
+    with client, server:
+        handles = [*listener(dp)._free, listener(dp)._wake, pipe_of(client), pipe_of(server)]
+        for conn in (client, server):
+            assert isinstance(conn._ch, w._Channel)
+            handles.append(conn._ch._wake)
+        for handle in handles:
+            flags = wintypes.DWORD()
+            assert get(handle, ctypes.byref(flags)), ctypes.WinError(ctypes.get_last_error())
+            assert not flags.value & 1  # HANDLE_FLAG_INHERIT
+
+
+@not_under_wine("it ignores FILE_FLAG_FIRST_PIPE_INSTANCE (a second first instance succeeds)")
+def test_first_instance_flag_is_the_claim(
+    dp: Dockpoint, app: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Without the non-atomic existence probe the flag alone must refuse.
+    sid = w._user_sid()
+    attributes, descriptor = w._security(sid)
+    try:
+        with pytest.raises(PermissionError) as info:
+            w._instance(dp.address, attributes, first=True)
+        assert info.value.winerror == w.ERROR_ACCESS_DENIED
+    finally:
+        w.LocalFree(descriptor)
+    monkeypatch.setattr(w, "_exists", lambda name: False)
+    assert dockpoint.claim(app) is None
+
+
+@pytest.mark.parametrize("code", sorted(w._CLAIMED))
+def test_losing_the_first_instance_race_returns_none(
+    app: str, monkeypatch: pytest.MonkeyPatch, code: int
+) -> None:
+    # What the flag reports when another claimer won between the probe and the create.
+    import ctypes
+
+    def lost(name: str, attributes: object, first: bool = False) -> int:
+        assert first
+        raise ctypes.WinError(code)
+
+    monkeypatch.setattr(w, "_instance", lost)
+    assert dockpoint.claim(app) is None
+    monkeypatch.undo()
+    with dockpoint.claim(app) as dp:  # nothing was left behind
+        assert dp is not None
+
+
+@not_under_wine("it does not enforce the DACLs of named pipes")
+def test_a_pipe_that_denies_us_is_a_permission_error(app: str) -> None:
+    # A squatter's pipe whose DACL keeps us out: not "nobody is there".
+    import ctypes
+
+    name = dockpoint.address(app)
+    descriptor = ctypes.c_void_p()
+    ok = w.ConvertStringSecurityDescriptorToSecurityDescriptorW(
+        "D:P", w.SDDL_REVISION_1, ctypes.byref(descriptor), None
+    )
+    assert ok, ctypes.WinError(ctypes.get_last_error())
+    attributes = w.SECURITY_ATTRIBUTES(ctypes.sizeof(w.SECURITY_ATTRIBUTES), descriptor, False)
+    pipe = w._instance(name, attributes, first=True)
+    try:
+        with pytest.raises(PermissionError) as info:
+            dockpoint.connect(app)
+        assert info.value.filename == name
+        assert dockpoint.claim(app) is None
+    finally:
+        w.CloseHandle(pipe)
+        w.LocalFree(descriptor)
+
+
+def test_refuses_a_server_of_another_user(
+    dp: Dockpoint, app: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Wine reports our own SID for both, so the squatter is simulated at the two lookups.
+    monkeypatch.setattr(w, "_pipe_owner", lambda pipe: OTHER)
+    monkeypatch.setattr(w, "_process_user", lambda pid: OTHER)
+    with pytest.raises(PermissionError) as info:
+        dockpoint.connect(app)
+    assert info.value.filename == dp.address
+    assert OTHER in str(info.value) and w._user_sid() in str(info.value)
+    monkeypatch.undo()
+    # The daemon is unharmed: the refused client shows up as one that came and went.
+    box: list[object] = []
+    t = accept_in_thread(dp, box, timeout=5)
+    t.join(10)
+    assert box and isinstance(box[0], DockpointConnection), box
+    with box[0] as gone:
+        assert gone.read(timeout=5) == b""
+    client, server = pair(dp, app)
+    client.close()
+    server.close()
+
+
+def test_trusts_a_same_user_server_whose_owner_is_a_group(
+    dp: Dockpoint, app: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An elevated server that left the owner at Administrators still runs as the user.
+    monkeypatch.setattr(w, "_pipe_owner", lambda pipe: ADMINISTRATORS)
+    client, server = pair(dp, app)
+    with client, server:
+        client.write(b"trusted")
+        assert server.read(timeout=10) == b"trusted"
+
+
+# --------------------------------------------------------------------------- instances
+
+
+def test_a_client_finds_an_instance_between_accepts(dp: Dockpoint, app: str) -> None:
+    for _ in range(3):
+        start = time.monotonic()
+        client = dockpoint.connect(app)  # nobody is in accept(): the free instance serves
+        assert client is not None
+        assert time.monotonic() - start < 5
+        server = dp.accept(timeout=5)  # ERROR_PIPE_CONNECTED: it came before ConnectNamedPipe
+        with client, server:
+            client.write(b"early")
+            assert server.read(timeout=10) == b"early"
+        assert len(listener(dp)._free) == 1
+
+
+def test_connect_waits_while_every_instance_is_busy(dp: Dockpoint, app: str) -> None:
+    first = dockpoint.connect(app)  # takes the only free instance; nobody accepts yet
+    assert first is not None
+    box: list[DockpointConnection | None] = []
+    t = threading.Thread(target=lambda: box.append(dockpoint.connect(app)), daemon=True)
+    t.start()
+    t.join(0.5)
+    assert t.is_alive(), f"connect() gave up on a busy daemon: {box}"  # never None while up
+    servers = [dp.accept(timeout=5), dp.accept(timeout=10)]  # the 2nd frees an instance
+    t.join(10)
+    assert box and box[0] is not None
+    for conn in (first, box[0], *servers):
+        conn.close()
+
+
+def test_busy_connect_with_timeout_gives_up_only_at_the_timeout(dp: Dockpoint, app: str) -> None:
+    first = dockpoint.connect(app)
+    assert first is not None
+    with first:
+        start = time.monotonic()
+        assert dockpoint.connect(app, timeout=0.5) is None
+        assert time.monotonic() - start >= 0.45
+        with dp.accept(timeout=5):
+            pass
+
+
+def test_concurrent_accepts_each_serve_a_client(dp: Dockpoint, app: str) -> None:
+    boxes: list[list[object]] = [[] for _ in range(4)]
+    threads = [accept_in_thread(dp, box) for box in boxes]
+    time.sleep(0.3)
+    clients = []
+    for _ in boxes:
+        client = dockpoint.connect(app, timeout=10)
+        assert client is not None
+        clients.append(client)
+    for t in threads:
+        t.join(20)
+    servers = [box[0] for box in boxes if isinstance(box[0], DockpointConnection)]
+    assert len(servers) == 4, boxes
+    for i, client in enumerate(clients):
+        client.write(b"%d" % i)
+    got = sorted(s.read(timeout=10) for s in servers)
+    assert got == [b"0", b"1", b"2", b"3"]
+    lst = listener(dp)
+    assert len(lst._free) == 1 and lst._waiting == 0
+    for conn in (*clients, *servers):
+        conn.close()
+
+
+def test_timeouts_keep_exactly_one_listening_instance(dp: Dockpoint, app: str) -> None:
+    for _ in range(3):
+        with pytest.raises(TimeoutError):
+            dp.accept(timeout=0.05)
+        assert len(listener(dp)._free) == 1
+    client, server = pair(dp, app)
+    client.close()
+    server.close()
+
+
+def test_client_that_wrote_and_left_before_accept_is_served(dp: Dockpoint, app: str) -> None:
+    client = dockpoint.connect(app)
+    assert client is not None
+    client.write(b"fire and forget")
+    client.close()
+    with dp.accept(timeout=5) as server:  # ERROR_NO_DATA: it may have written first
+        assert server.read(timeout=5) == b"fire and forget"
+        assert server.read(timeout=5) == b""
+
+
+def test_claim_is_held_while_an_accepted_connection_is_open(app: str) -> None:
+    # Documented difference from POSIX: connected instances keep the pipe name alive.
+    first = dockpoint.claim(app)
+    assert first is not None
+    client, server = pair(first, app)
+    first.close()
+    assert dockpoint.claim(app) is None
+    client.close()
+    server.close()
+    again = dockpoint.claim(app)
+    assert again is not None
+    again.close()
+
+
+# --------------------------------------------------------------------------- interrupts
+
+
+def test_ctrl_c_interrupts_accept_and_the_endpoint_keeps_working(dp: Dockpoint, app: str) -> None:
+    timer = interrupt_after(0.3)
+    start = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        dp.accept(timeout=30)
+    timer.join()
+    assert time.monotonic() - start < 5
+    assert not dp.closed and len(listener(dp)._free) == 1
+    client, server = pair(dp, app)
+    with client, server:
+        client.write(b"still here")
+        assert server.read(timeout=10) == b"still here"
+
+
+def test_ctrl_c_interrupts_read(dp: Dockpoint, app: str) -> None:
+    client, server = pair(dp, app)
+    with client, server:
+        timer = interrupt_after(0.3)
+        with pytest.raises(KeyboardInterrupt):
+            client.read(timeout=30)
+        timer.join()
+        server.write(b"after")  # the cancelled read took nothing with it
+        assert client.read(timeout=10) == b"after"
+
+
+def test_ctrl_c_interrupts_connect_waiting_for_a_busy_daemon(dp: Dockpoint, app: str) -> None:
+    first = dockpoint.connect(app)
+    assert first is not None
+    with first:
+        timer = interrupt_after(0.3)
+        start = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            dockpoint.connect(app)
+        timer.join()
+        assert time.monotonic() - start < 5
+        with dp.accept(timeout=5):
+            pass
+
+
+def test_close_from_another_thread_wakes_read_and_write(dp: Dockpoint, app: str) -> None:
+    client, server = pair(dp, app)
+    errors: list[BaseException] = []
+
+    def blocked(call: object) -> threading.Thread:
+        def run() -> None:
+            try:
+                call()  # type: ignore[operator]
+            except BaseException as e:
+                errors.append(e)
+
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        return t
+
+    reader = blocked(client.read)
+    writer = blocked(lambda: client.write(b"x" * (32 << 20)))  # nobody reads: it blocks
+    time.sleep(0.5)
+    assert reader.is_alive() and writer.is_alive()
+    client.close()
+    reader.join(5)
+    writer.join(5)
+    assert not reader.is_alive() and not writer.is_alive()
+    assert len(errors) == 2 and all(isinstance(e, DockpointClosedError) for e in errors), errors
+    while server.read(timeout=10):  # then the server sees the end of the stream
+        pass
+    server.close()
+
+
+# --------------------------------------------------------------------------- data
+
+
+def test_write_views_without_and_with_copies(dp: Dockpoint, app: str) -> None:
+    payload = bytes(range(256)) * 10_000  # 2.5 MiB: more than one WriteFile chunk
+    cases: list[object] = [
+        payload,  # bytes: the kernel reads the object itself
+        bytearray(payload),  # writable view: from_buffer, no copy
+        memoryview(payload),  # read-only view: copied chunk by chunk
+        memoryview(payload)[::3],  # strided view
+    ]
+    client, server = pair(dp, app)
+    with client, server:
+        for data in cases:
+            want = bytes(data)  # type: ignore[call-overload]
+            t = threading.Thread(target=client.write, args=(data,), daemon=True)
+            t.start()
+            got = bytearray()
+            while len(got) < len(want):
+                got += server.read(1 << 20, timeout=20)
+            t.join(20)
+            assert bytes(got) == want
+
+
+def test_zero_byte_write_by_the_peer_is_not_end_of_stream(dp: Dockpoint, app: str) -> None:
+    client, server = pair(dp, app)
+    with client, server:
+        ch = client._ch
+        assert isinstance(ch, w._Channel)
+        op = w._Op()
+        try:  # a raw zero-byte WriteFile, as a non-Python client might do
+            code, count = w._run(op, ch._pipe, None, ch._wake, w.WriteFile, None, 0, None)
+        finally:
+            op.close()
+        assert (code, count) == (0, 0)
+        with pytest.raises(TimeoutError):
+            server.read(timeout=0.3)
+        client.write(b"data")
+        assert server.read(timeout=10) == b"data"
