@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import os
 import time
-from _thread import allocate_lock, get_ident
+from _thread import RLock, allocate_lock, get_ident
+from _weakref import ReferenceType, ref
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # pragma: no cover - names for type hints only, never imported at run time
@@ -33,13 +34,16 @@ if TYPE_CHECKING:  # pragma: no cover - names for type hints only, never importe
         def accept(self, timeout: float | None) -> Channel | None: ...
         def wake(self) -> None: ...
         def close(self) -> None: ...
+        def forget(self) -> None: ...
 
     class Backend(Protocol):
         """What a backend module provides."""
 
         def locate(self, stem: str) -> str: ...
         def listen(self, stem: str) -> tuple[Listener, str] | None: ...
-        def dial(self, stem: str, timeout: float | None) -> Channel | None: ...
+        def dial(self, stem: str, timeout: float | None) -> Channel | None:
+            """One attempt: ``None`` when nobody is there; ``BlockingIOError`` when the
+            holder is alive but cannot take the connection yet."""
 
 
 __all__ = [
@@ -64,6 +68,9 @@ MAX_NAME_LENGTH = 64
 #: ``read`` never asks the OS for more than this at once (a huge ``max_bytes`` is not an
 #: allocation request).
 READ_CHUNK_LIMIT = 1 << 20
+#: How long a single-attempt ``connect`` keeps retrying a holder that is alive but cannot
+#: take the connection yet (a full backlog on macOS/BSD answers "refused").
+BUSY_GRACE = 5.0
 
 
 class DockpointClosedError(OSError):
@@ -233,8 +240,10 @@ class DockpointConnection:
             raise TypeError(
                 f"write() takes a bytes-like object, not {type(data).__name__}"
             ) from None
+        if not view.c_contiguous:
+            view = memoryview(view.tobytes())
         if view.ndim != 1 or view.format not in ("B", "b", "c"):
-            view = view.cast("B") if view.c_contiguous else memoryview(view.tobytes())
+            view = view.cast("B")
         ch.send(view)
         return view.nbytes
 
@@ -265,23 +274,41 @@ class DockpointConnection:
         return f"<DockpointConnection {state}>"
 
 
+#: id -> weak reference of every open Dockpoint of this process, for the fork hook.
+_LIVE: dict[int, ReferenceType[Dockpoint]] = {}
+
+
+def _after_fork_in_child() -> None:
+    for weak in list(_LIVE.values()):
+        dp = weak()
+        if dp is not None:
+            dp._drop_after_fork()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class Dockpoint:
     """A claimed endpoint: the one well-known place where this process serves clients.
 
     Obtained from :func:`dockpoint.claim`; not created directly. The claim lasts until
-    :meth:`close` (or the process ends, however it ends). A context manager: leaving the
-    block closes it.
+    :meth:`close` or until the process ends, however it ends. It belongs to the claiming
+    process: in a child made by ``os.fork()`` the object is already closed (it holds no
+    descriptor of the endpoint), so the claim never outlives its holder. A context
+    manager: leaving the block closes it.
     """
 
     def __init__(self, listener: Listener, address: str) -> None:
         self._listener: Listener | None = listener
         #: Where the endpoint lives: the socket path on POSIX, the pipe name on Windows.
         self.address = address
-        self._pid = os.getpid()
-        self._mutex = allocate_lock()
+        self._mutex = RLock()  # re-entered when close() runs in a signal handler
         self._idle = allocate_lock()  # held while any thread is inside accept()
         self._accepting: list[int] = []  # idents of the threads inside accept()
         self._closing = False
+        key = id(self)
+        _LIVE[key] = ref(self, lambda _, key=key: _LIVE.pop(key, None))  # type: ignore[misc]
 
     def accept(self, *, timeout: float | None = None) -> DockpointConnection:
         """Wait for the next client and return the connection to it.
@@ -303,7 +330,8 @@ class Dockpoint:
             me = get_ident()
             self._accepting.append(me)
         try:
-            channel = listener.accept(timeout)
+            # close() may have run in a signal handler while this thread held the mutex.
+            channel = None if self._closing else listener.accept(timeout)
         finally:
             with self._mutex:
                 self._accepting.remove(me)
@@ -313,7 +341,7 @@ class Dockpoint:
                 if finish:
                     self._listener = None
             if finish:  # close() ran inside this accept (a signal handler) and left it to us
-                listener.close()
+                self._release(listener)
         if channel is None:
             raise _closed("Dockpoint")
         return DockpointConnection(channel)
@@ -322,20 +350,21 @@ class Dockpoint:
         """Release the endpoint; a thread blocked in :meth:`accept` raises
         :class:`DockpointClosedError`. Closing again does nothing.
 
-        In the claiming process this removes the endpoint and then releases the claim, so
-        the next :func:`dockpoint.claim` succeeds. In a forked child it only closes the
-        child's copies: the parent's endpoint stays claimed and working.
+        This removes the endpoint and then releases the claim, so the next
+        :func:`dockpoint.claim` succeeds.
         """
+        # A signal handler may run close() on a thread that holds the mutex in accept().
+        reentered = self._mutex._is_owned()  # type: ignore[attr-defined]
         with self._mutex:
             listener = self._listener
             if listener is None or self._closing:
                 return
             self._closing = True
-            busy = bool(self._accepting) and os.getpid() == self._pid
-            inside = get_ident() in self._accepting
+            busy = bool(self._accepting)
+            inside = reentered or get_ident() in self._accepting
         if busy:
             listener.wake()
-            if inside:  # a signal handler interrupted accept() on this thread: it finishes
+            if inside:  # this thread is inside accept(): it finishes the close on its way out
                 return
             # Accepting threads still use the OS handles: let them leave before freeing them.
             self._idle.acquire()
@@ -344,7 +373,29 @@ class Dockpoint:
             if self._listener is None:
                 return
             self._listener = None
+        self._release(listener)
+
+    def _release(self, listener: Listener) -> None:
+        _LIVE.pop(id(self), None)
         listener.close()
+
+    def _drop_after_fork(self) -> None:
+        # Only the forking thread survives in the child: new locks, no accepting threads.
+        # The child's copies are closed without unlinking or unlocking the parent's.
+        self._mutex = RLock()
+        self._idle = allocate_lock()
+        self._accepting = []
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            _LIVE.pop(id(self), None)
+            listener.forget()
+
+    def __del__(self) -> None:
+        if getattr(self, "_listener", None) is not None and not self._closing:
+            import warnings
+
+            warnings.warn(f"unclosed {self!r}", ResourceWarning, stacklevel=2)
+            self.close()
 
     @property
     def closed(self) -> bool:
@@ -412,13 +463,24 @@ class Api:
         stem = endpoint_stem(app_name, instance)
         timeout = check_timeout(timeout)
         dial = self._backend.dial
+        busy_only = False
         if timeout is None:
-            channel = dial(stem, None)
-            return None if channel is None else DockpointConnection(channel)
+            try:
+                channel = dial(stem, None)
+            except BlockingIOError:  # a holder that cannot take us yet: not "nobody there"
+                timeout, busy_only = BUSY_GRACE, True
+            else:
+                return None if channel is None else DockpointConnection(channel)
         deadline = time.monotonic() + timeout
         pause = 0.001
         while True:
-            channel = dial(stem, max(0.0, deadline - time.monotonic()))
+            try:
+                channel = dial(stem, max(0.0, deadline - time.monotonic()))
+            except BlockingIOError:
+                channel = None
+            else:
+                if channel is None and busy_only:
+                    return None  # the busy holder has gone
             if channel is not None:
                 return DockpointConnection(channel)
             left = deadline - time.monotonic()

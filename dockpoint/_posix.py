@@ -28,9 +28,11 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # O_NONBLOCK: a FIFO planted at the lock path must not hang open().
 _LOCK_FLAGS = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 _POLLIN = select.POLLIN
+_NOSIGNAL = getattr(socket, "MSG_NOSIGNAL", 0)  # EPIPE, not SIGPIPE (macOS: SO_NOSIGPIPE)
+_SO_NOSIGPIPE = 0x1022 if _DARWIN else 0
 # What a connect attempt raises when nobody is listening (socket.timeout and BlockingIOError:
 # a timed connect met a full backlog; the caller's retry loop tries again).
-_NOBODY = (FileNotFoundError, ConnectionRefusedError, BlockingIOError, socket.timeout)
+_NOBODY = (FileNotFoundError, BlockingIOError, socket.timeout)
 
 
 # --------------------------------------------------------------------------- directory
@@ -113,24 +115,47 @@ def _needs_dirfd(directory: str, name: str) -> bool:
 
 # --------------------------------------------------------------------------- identity
 
+
+def _ints(raw: bytes, count: int) -> list[int]:
+    if len(raw) < 4 * count:
+        raise OSError(errno.EPROTO, "the kernel gave short peer credentials")
+    return [int.from_bytes(raw[i : i + 4], sys.byteorder) for i in range(0, 4 * count, 4)]
+
+
 if _LINUX:
     _SO_PEERCRED = getattr(socket, "SO_PEERCRED", 17)
 
     def _peer(sock: socket.socket) -> tuple[int | None, int]:
-        raw = sock.getsockopt(socket.SOL_SOCKET, _SO_PEERCRED, 12)  # struct ucred
-        order = sys.byteorder
-        return int.from_bytes(raw[0:4], order), int.from_bytes(raw[4:8], order)
+        pid, uid, _ = _ints(sock.getsockopt(socket.SOL_SOCKET, _SO_PEERCRED, 12), 3)
+        return pid, uid  # struct ucred {pid, uid, gid}, creds of the peer's connect/listen
+
+elif _DARWIN or sys.platform.startswith(("freebsd", "dragonfly")):
+
+    def _peer(sock: socket.socket) -> tuple[int | None, int]:
+        # getsockopt(SOL_LOCAL=0, LOCAL_PEERCRED=1): struct xucred {u_int cr_version (0);
+        # uid_t cr_uid; ...}; macOS adds LOCAL_PEERPID=2.
+        version, uid = _ints(sock.getsockopt(0, 1, 128), 2)
+        if version != 0:
+            raise OSError(errno.EPROTO, f"unknown xucred version {version}")
+        pid = _ints(sock.getsockopt(0, 2, 4), 1)[0] if _DARWIN else None
+        return pid, uid
+
+elif sys.platform.startswith("openbsd"):
+
+    def _peer(sock: socket.socket) -> tuple[int | None, int]:
+        uid, _, pid = _ints(sock.getsockopt(socket.SOL_SOCKET, 0x1022, 12), 3)
+        return pid, uid  # SO_PEERCRED: struct sockpeercred {uid, gid, pid}
+
+elif sys.platform.startswith("netbsd"):
+
+    def _peer(sock: socket.socket) -> tuple[int | None, int]:
+        pid, uid, _ = _ints(sock.getsockopt(0, 3, 12), 3)
+        return pid, uid  # LOCAL_PEEREID=3: struct unpcbid {pid, euid, egid}
 
 else:
-    # macOS and the BSDs: getsockopt(SOL_LOCAL=0, LOCAL_PEERCRED=1) gives struct xucred
-    # {u_int cr_version; uid_t cr_uid; ...}; macOS also has LOCAL_PEERPID=2.
+
     def _peer(sock: socket.socket) -> tuple[int | None, int]:
-        raw = sock.getsockopt(0, 1, 128)
-        uid = int.from_bytes(raw[4:8], sys.byteorder)
-        pid = None
-        if _DARWIN:
-            pid = int.from_bytes(sock.getsockopt(0, 2, 4), sys.byteorder)
-        return pid, uid
+        raise OSError(errno.ENOTSUP, f"dockpoint cannot check peer credentials on {sys.platform}")
 
 
 # --------------------------------------------------------------------------- streams
@@ -155,7 +180,7 @@ class _Channel:
             return b""
 
     def send(self, data: bytes | memoryview) -> None:
-        self._sock.sendall(data)
+        self._sock.sendall(data, _NOSIGNAL)  # a closed peer is BrokenPipeError, never SIGPIPE
 
     def close(self) -> None:
         self._sock.close()
@@ -168,15 +193,21 @@ def _ms(seconds: float) -> int:
 class _Listener:
     __slots__ = ("_dfd", "_ino", "_lock", "_name", "_owner", "_sock", "_uid", "_wake_r", "_wake_w")
 
-    def __init__(self, sock: socket.socket, dfd: int, lock: int, name: str, ino: int) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        dfd: int,
+        lock: int,
+        wake: tuple[int, int],
+        where: tuple[str, int],
+    ) -> None:
         self._sock = sock
         self._dfd = dfd
         self._lock = lock
-        self._name = name
-        self._ino = ino
+        self._name, self._ino = where  # the socket's name in dfd and its inode
         self._uid = os.geteuid()
         self._owner = os.getpid()
-        self._wake_r, self._wake_w = os.pipe()  # close() from another thread writes here
+        self._wake_r, self._wake_w = wake  # close() from another thread writes here
 
     def accept(self, timeout: float | None) -> _Channel | None:
         deadline = None if timeout is None else monotonic() + timeout
@@ -196,6 +227,8 @@ class _Listener:
             except (BlockingIOError, ConnectionAbortedError):  # the client gave up meanwhile
                 continue
             conn.setblocking(True)  # BSD accept() inherits O_NONBLOCK from the listener
+            if _SO_NOSIGPIPE:
+                conn.setsockopt(socket.SOL_SOCKET, _SO_NOSIGPIPE, 1)
             try:
                 pid, uid = _peer(conn)
             except OSError:
@@ -210,25 +243,26 @@ class _Listener:
         os.write(self._wake_w, b"x")
 
     def close(self) -> None:
-        owner = os.getpid() == self._owner
-        try:
-            if owner:  # remove the socket while still holding the lock, if it is still ours
-                try:
-                    if os.lstat(self._name, dir_fd=self._dfd).st_ino == self._ino:
-                        os.unlink(self._name, dir_fd=self._dfd)
-                except FileNotFoundError:
-                    pass
+        if os.getpid() != self._owner:  # never unlink or unlock for the parent
+            self.forget()
+            return
+        try:  # remove the socket while still holding the lock, if it is still ours
+            if os.lstat(self._name, dir_fd=self._dfd).st_ino == self._ino:
+                os.unlink(self._name, dir_fd=self._dfd)
+        except FileNotFoundError:
+            pass
         finally:
-            self._sock.close()
-            os.close(self._wake_r)
-            os.close(self._wake_w)
             try:
-                if owner:  # a forked child must not release its parent's lock
-                    os.ftruncate(self._lock, 0)
-                    fcntl.flock(self._lock, fcntl.LOCK_UN)
+                os.ftruncate(self._lock, 0)  # no holder pid for status tools
+                fcntl.flock(self._lock, fcntl.LOCK_UN)  # also for copies a fork may hold
             finally:
-                os.close(self._lock)
-                os.close(self._dfd)
+                self.forget()
+
+    def forget(self) -> None:
+        """Close this process's descriptors only."""
+        self._sock.close()
+        for fd in (self._wake_r, self._wake_w, self._lock, self._dfd):
+            os.close(fd)
 
 
 # --------------------------------------------------------------------------- backend
@@ -307,6 +341,36 @@ def _bind(dfd: int, directory: str, stem: str) -> tuple[socket.socket, str, int]
     return sock, path, ino
 
 
+def _holder_alive(directory: str, stem: str) -> bool:
+    """Whether the pid the claim holder wrote into the lock file is a live process."""
+    try:
+        fd = os.open(directory + "/" + stem + ".lock", os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return False
+    try:
+        text = os.read(fd, 32)
+    finally:
+        os.close(fd)
+    try:
+        pid = int(text)
+    except ValueError:
+        return False
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, another user's pid: the kernel recycled it, or a foreign daemon
+    return True
+
+
+def _close(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
+
+
 class _Backend:
     @staticmethod
     def locate(stem: str) -> str:
@@ -318,30 +382,33 @@ class _Backend:
         uid = os.geteuid()
         directory = _directory(check=True)
         dfd = _open_directory(directory, uid)
+        fds = [dfd]
         try:
+            fds += os.pipe()  # made first: nothing may fail once the socket is in place
             lock = _lock(dfd, directory, stem, uid)
+            if lock is None:
+                _close(fds)
+                return None
+            try:
+                sock, path, ino = _bind(dfd, directory, stem)
+            except BaseException:
+                os.ftruncate(lock, 0)
+                fcntl.flock(lock, fcntl.LOCK_UN)
+                os.close(lock)
+                raise
         except BaseException:
-            os.close(dfd)
+            _close(fds)
             raise
-        if lock is None:
-            os.close(dfd)
-            return None
-        try:
-            sock, path, ino = _bind(dfd, directory, stem)
-        except BaseException:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-            os.close(lock)
-            os.close(dfd)
-            raise
-        return _Listener(sock, dfd, lock, path.rpartition("/")[2], ino), path
+        name = path.rpartition("/")[2]
+        return _Listener(sock, dfd, lock, (fds[1], fds[2]), (name, ino)), path
 
     @staticmethod
     def dial(stem: str, timeout: float | None) -> _Channel | None:
         uid = os.geteuid()
-        directory = _directory(check=True)
         try:
+            directory = _directory(check=True)
             st = _checked_lstat(directory, uid)
-        except FileNotFoundError:
+        except FileNotFoundError:  # no runtime dir (logged out) or no endpoint dir yet
             return None
         name = socket_filename(directory, stem, SUN_PATH_MAX)
         dfd = None
@@ -357,15 +424,24 @@ class _Backend:
             target = _bind_directory(directory, name, dfd) + "/" + name
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
-                if timeout is not None:
+                timed = timeout is not None or socket.getdefaulttimeout() is not None
+                if timed:
                     sock.settimeout(timeout)
                 try:
                     sock.connect(target)
+                except ConnectionRefusedError:
+                    sock.close()
+                    if not _LINUX and _holder_alive(directory, stem):
+                        # macOS/BSD refuse when the backlog is full: busy, not absent
+                        raise BlockingIOError(errno.EAGAIN, "the daemon is busy", target) from None
+                    return None
                 except _NOBODY:
                     sock.close()
                     return None
-                if timeout is not None:
-                    sock.settimeout(None)
+                if timed:
+                    sock.settimeout(None)  # blocking, whatever socket.setdefaulttimeout() says
+                if _SO_NOSIGPIPE:
+                    sock.setsockopt(socket.SOL_SOCKET, _SO_NOSIGPIPE, 1)
                 pid, peer_uid = _peer(sock)
                 if peer_uid != uid:
                     raise PermissionError(

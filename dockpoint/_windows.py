@@ -638,6 +638,8 @@ if sys.platform == "win32":
             CloseHandle(self._wake)
             LocalFree(self._descriptor)
 
+        forget = close  # only reached after os.fork(), which Windows does not have
+
     # ----------------------------------------------------------------------- backend
 
     class _Backend:

@@ -150,7 +150,18 @@ def wait_blocked(thread: threading.Thread, timeout: float = 5.0) -> None:
     if not LINUX or thread.native_id is None:
         time.sleep(0.3)  # no portable way to see where a thread waits
         return
-    base = f"/proc/self/task/{thread.native_id}"
+    _wait_task_blocked(f"/proc/self/task/{thread.native_id}", timeout)
+
+
+def wait_pid_blocked(pid: int, timeout: float = 5.0) -> None:
+    """Wait until the main thread of process ``pid`` sleeps in such a kernel wait."""
+    if not LINUX:
+        time.sleep(0.3)
+        return
+    _wait_task_blocked(f"/proc/{pid}/task/{pid}", timeout)
+
+
+def _wait_task_blocked(base: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -163,4 +174,4 @@ def wait_blocked(thread: threading.Thread, timeout: float = 5.0) -> None:
         if state == "S" and wchan not in ("", "0") and "futex" not in wchan:
             return
         time.sleep(0.001)
-    raise AssertionError("thread never blocked")
+    raise AssertionError(f"{base} never blocked")

@@ -119,15 +119,10 @@ def test_connect_with_timeout_gives_up_with_none(app: str) -> None:
 
 def test_connect_with_timeout_waits_for_a_daemon_that_comes(app: str) -> None:
     got: list[DockpointConnection | None] = []
-    started = threading.Event()
-
-    def client() -> None:
-        started.set()
-        got.append(dockpoint.connect(app, timeout=20))
-
-    t = threading.Thread(target=client, daemon=True)
+    t = threading.Thread(target=lambda: got.append(dockpoint.connect(app, timeout=20)), daemon=True)
     t.start()
-    started.wait(10)
+    wait_blocked(t)  # it found nobody and sleeps before trying again
+    assert not got
     with dockpoint.claim(app) as dp:
         conn = dp.accept(timeout=20)
         t.join(20)
@@ -331,11 +326,11 @@ def test_close_from_another_thread_wakes_accept(app: str) -> None:
     t = threading.Thread(target=run, daemon=True)
     t.start()
     wait_blocked(t)
-    start = time.monotonic()
-    dp.close()
+    closer = threading.Thread(target=dp.close, daemon=True)  # a broken wake must not hang us
+    closer.start()
+    closer.join(5)
     t.join(5)
-    assert not t.is_alive(), "accept() was not woken by close()"
-    assert time.monotonic() - start < 5
+    assert not t.is_alive() and not closer.is_alive(), "accept() was not woken by close()"
     assert len(errors) == 1 and isinstance(errors[0], DockpointClosedError)
     assert dockpoint.connect(app) is None
     again = dockpoint.claim(app)  # released: the next claimer gets it
@@ -359,7 +354,10 @@ def test_close_wakes_several_accepting_threads(app: str) -> None:
         t.start()
     for t in threads:
         wait_blocked(t)
-    dp.close()
+    closer = threading.Thread(target=dp.close, daemon=True)
+    closer.start()
+    closer.join(5)
+    assert not closer.is_alive()
     for t in threads:
         t.join(5)
         assert not t.is_alive()
