@@ -20,7 +20,7 @@ if TYPE_CHECKING:  # pragma: no cover - names for type hints only
     import subprocess
     from collections.abc import Sequence
     from types import FrameType
-    from typing import TextIO
+    from typing import Any, TextIO
 
 PROG = "python -m dockpoint"
 
@@ -214,24 +214,13 @@ def spawn_daemon(app: str, instance: str, idle: float) -> subprocess.Popen[bytes
         raise UserError("cannot start a daemon: the Python executable is unknown")
     command = [sys.executable, "-m", "dockpoint", "serve", app]
     command += ["--instance", instance, "--idle", repr(idle)]
-    devnull = subprocess.DEVNULL
+    detach: dict[str, Any] = {"start_new_session": True}  # own session: no terminal, no HUP
     if sys.platform == "win32":
         flags = subprocess.DETACHED_PROCESS | subprocess.CREATE_NEW_PROCESS_GROUP
-        return subprocess.Popen(
-            command,
-            stdin=devnull,
-            stdout=devnull,
-            stderr=devnull,
-            close_fds=True,
-            creationflags=flags,
-        )
+        detach = {"creationflags": flags}
+    devnull = subprocess.DEVNULL
     return subprocess.Popen(
-        command,
-        stdin=devnull,
-        stdout=devnull,
-        stderr=devnull,
-        close_fds=True,
-        start_new_session=True,
+        command, stdin=devnull, stdout=devnull, stderr=devnull, close_fds=True, **detach
     )
 
 

@@ -177,7 +177,27 @@ def pipe_name(user_sid: str, stem: str) -> str:
 # --------------------------------------------------------------------------- classes
 
 
-class DockpointConnection:
+class _Closable:
+    """``with obj:`` closes ``obj`` at the end of the block."""
+
+    __slots__ = ()
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class DockpointConnection(_Closable):
     """A connected byte stream between a daemon and one client.
 
     Obtained from :meth:`Dockpoint.accept` (daemon side) or :func:`dockpoint.connect`
@@ -258,17 +278,6 @@ class DockpointConnection:
         """``True`` once :meth:`close` has been called."""
         return self._ch is None
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
     def __repr__(self) -> str:
         state = "closed" if self._ch is None else f"peer_pid={self.peer_pid}"
         return f"<DockpointConnection {state}>"
@@ -289,7 +298,7 @@ if hasattr(os, "register_at_fork"):  # POSIX
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-class Dockpoint:
+class Dockpoint(_Closable):
     """A claimed endpoint: the one well-known place where this process serves clients.
 
     Obtained from :func:`dockpoint.claim`; not created directly. The claim lasts until
@@ -401,17 +410,6 @@ class Dockpoint:
     def closed(self) -> bool:
         """``True`` once :meth:`close` has been called."""
         return self._listener is None or self._closing
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         state = " closed" if self.closed else ""

@@ -66,6 +66,17 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def run_python(code: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a Python child with the tests' environment; bounded."""
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=child_env(),
+    )
+
+
 class Child:
     """A Python child speaking a line protocol on stdin/stdout; every wait is bounded."""
 

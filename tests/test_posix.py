@@ -19,7 +19,7 @@ import pytest
 if sys.platform == "win32":
     pytest.skip("POSIX backend only", allow_module_level=True)
 
-from conftest import LINUX, PACKAGE_ROOT, Child, child_env, wait_pid_blocked
+from conftest import LINUX, PACKAGE_ROOT, Child, child_env, run_python, wait_pid_blocked
 
 import dockpoint
 from dockpoint import _posix
@@ -603,13 +603,7 @@ print("ok", flush=True)
 
 
 def test_close_in_a_signal_handler_never_deadlocks(app: str) -> None:
-    done = subprocess.run(
-        [sys.executable, "-c", SIGNAL_CLOSE_LOOP, app],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=child_env(),
-    )
+    done = run_python(SIGNAL_CLOSE_LOOP, app)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
 
 
@@ -621,10 +615,10 @@ if pid == 0:  # a worker that never heard of dockpoint: keeps whatever it inheri
     try:
         dp.accept(timeout=1)
     except dockpoint.DockpointClosedError:
-        print("child: closed", dp.closed, flush=True)
+        os.write(1, b"child: closed %r\\n" % dp.closed)  # one write: no interleaving
     sys.stdin.readline()
     os._exit(0)
-print(pid, flush=True)
+os.write(1, b"%d\\n" % pid)
 sys.stdin.readline()
 """
 
@@ -680,13 +674,7 @@ for spare in range(1, 9):  # run out of descriptors at every step of claim()
 
 
 def test_running_out_of_descriptors_leaves_nothing_claimed(app: str) -> None:
-    done = subprocess.run(
-        [sys.executable, "-c", NO_FDS, app],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=child_env(),
-    )
+    done = run_python(NO_FDS, app)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert len(lines) == 8
@@ -726,13 +714,7 @@ except BrokenPipeError:
 
 
 def test_writing_to_a_gone_peer_never_raises_sigpipe(app: str) -> None:
-    done = subprocess.run(
-        [sys.executable, "-c", SIGPIPE_DEFAULT, app],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=child_env(),
-    )
+    done = run_python(SIGPIPE_DEFAULT, app)
     assert done.returncode == 0, f"killed by signal {-done.returncode}: {done.stderr}"
     assert done.stdout.strip() == "BrokenPipeError"
 
