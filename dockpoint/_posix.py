@@ -7,7 +7,6 @@ holder. Only the lock holder binds, renames or unlinks the socket path.
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
 import select
 import socket
@@ -61,9 +60,8 @@ def _checked_lstat(path: str, uid: int) -> os.stat_result:
     return st
 
 
-def _directory(check: bool) -> str:
+def _directory(check: bool, uid: int) -> str:
     """The endpoint directory; with ``check``, its parent is verified (not created)."""
-    uid = os.geteuid()
     xdg = os.environ.get("XDG_RUNTIME_DIR")
     if xdg and xdg[0] == "/":
         if check:
@@ -126,8 +124,11 @@ if _LINUX:
     _SO_PEERCRED = getattr(socket, "SO_PEERCRED", 17)
 
     def _peer(sock: socket.socket) -> tuple[int | None, int]:
-        pid, uid, _ = _ints(sock.getsockopt(socket.SOL_SOCKET, _SO_PEERCRED, 12), 3)
-        return pid, uid  # struct ucred {pid, uid, gid}, creds of the peer's connect/listen
+        raw = sock.getsockopt(socket.SOL_SOCKET, _SO_PEERCRED, 12)  # on every connection
+        if len(raw) < 8:
+            raise OSError(errno.EPROTO, "the kernel gave short peer credentials")
+        order = sys.byteorder  # struct ucred {pid, uid, gid}, creds of the peer's connect/listen
+        return int.from_bytes(raw[0:4], order), int.from_bytes(raw[4:8], order)
 
 elif _DARWIN or sys.platform.startswith(("freebsd", "dragonfly")):
 
@@ -211,22 +212,30 @@ class _Listener:
 
     def accept(self, timeout: float | None) -> _Channel | None:
         deadline = None if timeout is None else monotonic() + timeout
-        poller = select.poll()  # one per call: poll objects cannot be shared by threads
-        poller.register(self._wake_r, _POLLIN)
-        poller.register(self._sock, _POLLIN)
+        poller = None
         wake = self._wake_r
         while True:
-            left = None if deadline is None else _ms(max(0.0, deadline - monotonic()))
-            ready = poller.poll(left)
-            if not ready:
-                raise TimeoutError(f"no client arrived within {timeout} s")
-            if any(fd == wake for fd, _ in ready):
-                return None
-            try:
+            try:  # a client already waiting is taken at once; poll only to wait
                 conn, _ = self._sock.accept()
-            except (BlockingIOError, ConnectionAbortedError):  # the client gave up meanwhile
+            except (BlockingIOError, ConnectionAbortedError):  # none yet, or it gave up
+                conn = None
+            if conn is None:
+                if poller is None:  # one per call: poll objects cannot be shared by threads
+                    poller = select.poll()
+                    poller.register(wake, _POLLIN)
+                    poller.register(self._sock, _POLLIN)
+                left = None if deadline is None else _ms(max(0.0, deadline - monotonic()))
+                ready = poller.poll(left)
+                if not ready:
+                    raise TimeoutError(f"no client arrived within {timeout} s")
+                for fd, _ in ready:
+                    if fd == wake:
+                        return None
                 continue
-            conn.setblocking(True)  # BSD accept() inherits O_NONBLOCK from the listener
+            # BSD accept() inherits O_NONBLOCK from the listener; Linux's never does, so
+            # there only a socket.setdefaulttimeout() needs undoing.
+            if not _LINUX or conn.gettimeout() is not None:
+                conn.setblocking(True)
             if _SO_NOSIGPIPE:
                 conn.setsockopt(socket.SOL_SOCKET, _SO_NOSIGPIPE, 1)
             try:
@@ -246,6 +255,8 @@ class _Listener:
         if os.getpid() != self._owner:  # never unlink or unlock for the parent
             self.forget()
             return
+        import fcntl  # loaded by the claim already
+
         try:  # remove the socket while still holding the lock, if it is still ours
             if os.lstat(self._name, dir_fd=self._dfd).st_ino == self._ino:
                 os.unlink(self._name, dir_fd=self._dfd)
@@ -269,6 +280,8 @@ class _Listener:
 
 
 def _lock(dfd: int, directory: str, stem: str, uid: int) -> int | None:
+    import fcntl  # here, not at the top: a client that only connects never loads it
+
     name = stem + ".lock"
     fd = os.open(name, _LOCK_FLAGS, 0o600, dir_fd=dfd)
     try:
@@ -374,13 +387,13 @@ def _close(fds: list[int]) -> None:
 class _Backend:
     @staticmethod
     def locate(stem: str) -> str:
-        directory = _directory(check=False)
+        directory = _directory(check=False, uid=os.geteuid())
         return directory + "/" + socket_filename(directory, stem, SUN_PATH_MAX)
 
     @staticmethod
     def listen(stem: str) -> tuple[_Listener, str] | None:
         uid = os.geteuid()
-        directory = _directory(check=True)
+        directory = _directory(check=True, uid=uid)
         dfd = _open_directory(directory, uid)
         fds = [dfd]
         try:
@@ -392,6 +405,8 @@ class _Backend:
             try:
                 sock, path, ino = _bind(dfd, directory, stem)
             except BaseException:
+                import fcntl
+
                 os.ftruncate(lock, 0)
                 fcntl.flock(lock, fcntl.LOCK_UN)
                 os.close(lock)
@@ -406,13 +421,15 @@ class _Backend:
     def dial(stem: str, timeout: float | None) -> _Channel | None:
         uid = os.geteuid()
         try:
-            directory = _directory(check=True)
+            directory = _directory(check=True, uid=uid)
             st = _checked_lstat(directory, uid)
         except FileNotFoundError:  # no runtime dir (logged out) or no endpoint dir yet
             return None
         name = socket_filename(directory, stem, SUN_PATH_MAX)
+        target = directory + "/" + name
+        short = len(target) <= SUN_PATH_MAX and target.isascii()  # the common case
         dfd = None
-        if _needs_dirfd(directory, name):
+        if not short and _needs_dirfd(directory, name):
             dfd = os.open(directory, _DIR_FLAGS)
         try:
             if dfd is not None:
@@ -421,7 +438,8 @@ class _Backend:
                     raise PermissionError(
                         errno.EACCES, "unsafe directory for dockpoint: it changed", directory
                     )
-            target = _bind_directory(directory, name, dfd) + "/" + name
+            if not short:
+                target = _bind_directory(directory, name, dfd) + "/" + name
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 timed = timeout is not None or socket.getdefaulttimeout() is not None
