@@ -461,6 +461,11 @@ if sys.platform == "win32":
                     return
             self._release()
 
+        def __del__(self) -> None:
+            # A dropped server end would keep the pipe name alive after the Dockpoint closes.
+            if not getattr(self, "_closed", True):  # __init__ may have failed early
+                self.close()
+
         def _release(self) -> None:
             for op in self._ops:
                 op.close()
@@ -571,14 +576,13 @@ if sys.platform == "win32":
             with self._mutex:
                 pipe = self._free.pop() if self._free else None
                 self._waiting += 1
+            connected = False
             try:
                 if pipe is None:
                     pipe = _instance(self._name, self._attributes)
                 connected = self._connect(pipe, deadline)
-            except BaseException:  # the wait was cancelled first: pipe is listening again
-                self._settle(pipe, connected=False)
-                raise
-            self._settle(pipe, connected)
+            finally:  # also on Ctrl+C, which can land between any two calls here
+                self._settle(pipe, connected)
             if connected:
                 try:
                     return _Channel(pipe, _pipe_pid(GetNamedPipeClientProcessId, pipe))
@@ -615,7 +619,7 @@ if sys.platform == "win32":
                     if needed:  # the next client's instance exists before this one is handed out
                         try:
                             spare = _instance(self._name, self._attributes)
-                        except OSError:
+                        except BaseException:
                             DisconnectNamedPipe(pipe)  # drop this client, keep the name served
                             self._free.append(pipe)  # type: ignore[arg-type]
                             raise

@@ -459,3 +459,22 @@ def test_zero_byte_write_by_the_peer_is_not_end_of_stream(dp: Dockpoint, app: st
             server.read(timeout=0.3)
         client.write(b"data")
         assert server.read(timeout=10) == b"data"
+
+
+def test_a_dropped_server_connection_does_not_keep_the_name(app: str) -> None:
+    import gc
+
+    holder = dockpoint.claim(app)
+    assert holder is not None
+    box: list[object] = []
+    t = accept_in_thread(holder, box)
+    client = dockpoint.connect(app, timeout=10)
+    t.join(10)
+    assert client is not None and len(box) == 1
+    client.close()
+    box.clear()  # the daemon drops its end without close()
+    gc.collect()
+    holder.close()
+    again = dockpoint.claim(app)
+    assert again is not None, "a garbage-collected connection kept the pipe name alive"
+    again.close()
