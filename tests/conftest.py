@@ -49,6 +49,8 @@ def runtime(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     rt.mkdir()
     os.chmod(rt, 0o700)
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(rt))
+    if WINDOWS:  # the lock files of the Windows claim live in %LOCALAPPDATA%\dockpoint
+        monkeypatch.setenv("LOCALAPPDATA", str(rt))
     return rt
 
 
