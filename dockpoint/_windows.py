@@ -31,10 +31,12 @@ no client is ever closed unserved. A client that connected, wrote and closed bef
 ``accept`` (``ERROR_NO_DATA``) is still handed out, as POSIX hands out such a socket.
 
 Connect: a client that finds every instance busy waits with ``WaitNamedPipeW`` while the
-lock says a holder is alive; a single attempt (``timeout=None``) waits at most
-:data:`dockpoint._common.BUSY_GRACE` seconds, as on POSIX. Busy instances with no lock
-holder (a holder that closed its ``Dockpoint`` but keeps accepted connections, or a dead
-one's) mean nobody is there: ``None``. A failed wait means "open again", which decides.
+lock says a holder is alive; a single attempt (``timeout=None``) gives up (``None``) once it
+has waited :data:`dockpoint._common.BUSY_GRACE` seconds with no instance coming free, so a hung
+daemon cannot block it for ever while a busy one serving a burst keeps it. Busy
+instances with no lock holder (a holder that closed its ``Dockpoint`` but keeps accepted
+connections, or a dead one's) mean nobody is there: ``None``. A failed wait means "open
+again", which decides.
 
 Security: the pipe's owner is the user's SID and its protected DACL has one entry, full
 access for that SID (the instances after the first need ``FILE_CREATE_PIPE_INSTANCE``).
@@ -65,7 +67,7 @@ import sys
 from _thread import allocate_lock
 from time import monotonic, sleep
 
-from ._common import Api, DockpointClosedError, pipe_name
+from ._common import BUSY_GRACE, Api, DockpointClosedError, pipe_name
 from ._win32 import (
     DACL_SECURITY_INFORMATION,
     ERROR_ACCESS_DENIED,
@@ -1018,6 +1020,7 @@ if sys.platform == "win32":
             user = _user_sid()
             name = _pipe_path(user, stem)
             deadline = None if timeout is None else monotonic() + timeout
+            idle = 0.0  # seconds waited in vain since an instance last came free
             while True:
                 pipe = CreateFileW(
                     name, GENERIC_READ | GENERIC_WRITE, 0, None, OPEN_EXISTING, _DIAL_FLAGS, None
@@ -1037,19 +1040,26 @@ if sys.platform == "win32":
                 if code != ERROR_PIPE_BUSY:
                     raise _error(code, name)
                 # Every instance is serving a client. With a live holder, wait for a free
-                # instance (in slices, for Ctrl+C); without one nobody will free them.
-                held = _held(stem)
-                if held is False:
+                # instance (in slices, for Ctrl+C); without one nobody will free them. A
+                # single attempt waits while the holder makes progress: it gives up once
+                # it has waited BUSY_GRACE seconds in vain (a hung daemon). Only time spent
+                # in the wait counts, so a thread kept from running misses no progress.
+                if _held(stem) is False:
                     return None
                 if deadline is None:
-                    raise BlockingIOError(errno.EAGAIN, "every instance is busy", name)
-                wait = _slice_ms(deadline, monotonic())
+                    wait = _slice_ms(BUSY_GRACE - idle, 0.0)
+                else:
+                    wait = _slice_ms(deadline, monotonic())
                 if not wait:
-                    return None  # timed out; Api.connect reports None
+                    return None  # timed out, or the holder freed nothing: Api.connect says None
                 # 0 would mean "the server's default"; a failure other than the timeout
                 # (the pipe went or changed) means: open again, that answer decides.
-                if not WaitNamedPipeW(name, wait) and ctypes.get_last_error() != ERROR_SEM_TIMEOUT:
-                    sleep(0.001)
+                if WaitNamedPipeW(name, wait):
+                    idle = 0.0
+                else:
+                    idle += wait / 1000
+                    if ctypes.get_last_error() != ERROR_SEM_TIMEOUT:
+                        sleep(0.001)
             try:
                 server = _pipe_pid(GetNamedPipeServerProcessId, pipe)
                 owner = _pipe_owner(pipe)

@@ -473,7 +473,10 @@ def test_connections_of_a_closed_holder_do_not_keep_the_claim(app: str) -> None:
             assert server.read(timeout=10) == b"old"
 
 
-@not_under_wine("it drops a pipe name with its last server instance, so no dead instance stays")
+@not_under_wine(
+    "it ignores FILE_FLAG_FIRST_PIPE_INSTANCE, so a name kept by dead instances cannot be "
+    "shown (a claim without the lock would succeed there too)"
+)
 def test_a_holder_killed_while_its_client_stays_connected_does_not_wedge_the_name(
     app: str, children: list
 ) -> None:
@@ -631,3 +634,17 @@ def test_a_dropped_server_connection_does_not_keep_the_name(app: str) -> None:
     again = dockpoint.claim(app)
     assert again is not None, "a garbage-collected connection kept the pipe name alive"
     again.close()
+
+
+def test_single_connect_to_a_hung_daemon_gives_up_after_the_grace(dp: Dockpoint, app: str) -> None:
+    from dockpoint._common import BUSY_GRACE
+
+    first = dockpoint.connect(app)  # takes the free instance; the holder never accepts
+    assert first is not None
+    with first:
+        start = time.monotonic()
+        assert dockpoint.connect(app) is None  # no instance came free for BUSY_GRACE s
+        elapsed = time.monotonic() - start
+        assert BUSY_GRACE - 0.5 <= elapsed < BUSY_GRACE + 3, elapsed
+        with dp.accept(timeout=5):
+            pass
