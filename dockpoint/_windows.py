@@ -943,6 +943,7 @@ if sys.platform == "win32":
                 if code != ERROR_OPERATION_ABORTED:
                     failed, pipe = pipe, None  # its state is unknown: never back in the pool
                     CloseHandle(failed)
+                    self._spare()  # a fresh listening instance takes its place
                     raise _error(code, self._name)
                 return None
             finally:  # also on Ctrl+C: a cancelled instance still listens, keep it

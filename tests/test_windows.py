@@ -642,9 +642,72 @@ def test_single_connect_to_a_hung_daemon_gives_up_after_the_grace(dp: Dockpoint,
     first = dockpoint.connect(app)  # takes the free instance; the holder never accepts
     assert first is not None
     with first:
+        got: list[object] = []
         start = time.monotonic()
-        assert dockpoint.connect(app) is None  # no instance came free for BUSY_GRACE s
+        t = threading.Thread(target=lambda: got.append(dockpoint.connect(app)), daemon=True)
+        t.start()
+        t.join(BUSY_GRACE + 20)  # a hang fails here, not the run
         elapsed = time.monotonic() - start
+        assert got == [None], f"{got} after {elapsed:.1f} s"  # nothing came free in the grace
         assert BUSY_GRACE - 0.5 <= elapsed < BUSY_GRACE + 3, elapsed
         with dp.accept(timeout=5):
             pass
+
+
+def test_a_failed_connect_never_pools_an_instance_of_unknown_state(
+    dp: Dockpoint, app: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    closed: list[int] = []
+    real_close = w.CloseHandle
+
+    def close(handle: int) -> int:
+        closed.append(handle)
+        return real_close(handle)
+
+    old = free(dp)
+    monkeypatch.setattr(w, "CloseHandle", close)
+    monkeypatch.setattr(w._Listener, "_connect", lambda self, pipe, deadline: 109)
+    with pytest.raises(OSError) as info:
+        dp.accept(timeout=5)
+    assert info.value.winerror == 109 and info.value.filename == dp.address
+    assert old in closed  # the instance of unknown state was closed, not pooled
+    monkeypatch.undo()
+    assert free(dp)  # a fresh listening instance took its place: a client finds it at once
+    client = dockpoint.connect(app)
+    assert client is not None
+    with client, dp.accept(timeout=5) as server:
+        client.write(b"fresh")
+        assert server.read(timeout=10) == b"fresh"
+
+
+def test_an_interrupted_cancel_leaks_the_operation_rather_than_freeing_it(
+    dp: Dockpoint, app: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ctypes
+
+    client, server = pair(dp, app)
+    with client, server:
+        ch = client._ch
+        assert isinstance(ch, w._Channel)
+        op = w._Op()
+        buffer = ctypes.create_string_buffer(16)
+        op.keep = buffer
+
+        def interrupted(pipe: int, op_: w._Op) -> None:
+            w.CancelIoEx(pipe, ctypes.byref(op_.ov))
+            raise KeyboardInterrupt  # a second Ctrl+C before the completion was collected
+
+        monkeypatch.setattr(w, "_cancel", interrupted)
+        timer = interrupt_after(0.3)
+        with pytest.raises(KeyboardInterrupt):
+            w._run(op, ch._pipe, None, ch._wake, w.ReadFile, buffer, 16, None)
+        timer.join()
+        monkeypatch.undo()
+        assert op in w._LIMBO and op.keep is buffer  # kept, with its buffer, not freed
+        # Collect the cancelled read's completion, as the kernel still owns it, then free.
+        count = ctypes.c_ulong()
+        w.GetOverlappedResult(ch._pipe, ctypes.byref(op.ov), ctypes.byref(count), True)
+        w._LIMBO.discard(op)
+        op.close()
+        server.write(b"after")
+        assert client.read(timeout=10) == b"after"
