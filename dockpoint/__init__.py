@@ -14,6 +14,7 @@ from ._common import (
     Dockpoint,
     DockpointClosedError,
     DockpointConnection,
+    SpawnError,
 )
 
 if sys.platform == "win32":
@@ -24,6 +25,7 @@ else:
 claim = _api.claim
 connect = _api.connect
 address = _api.address
+connect_or_spawn = _api.connect_or_spawn
 
 __version__ = "0.2.0"
 __all__ = [
@@ -32,8 +34,10 @@ __all__ = [
     "Dockpoint",
     "DockpointClosedError",
     "DockpointConnection",
+    "SpawnError",
     "__version__",
     "address",
     "claim",
     "connect",
+    "connect_or_spawn",
 ]

@@ -7,7 +7,6 @@ the public API; ``status`` is what a user runs when their own daemon misbehaves.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from time import monotonic
@@ -17,7 +16,7 @@ from dockpoint._common import endpoint_stem
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # pragma: no cover - names for type hints only
-    import subprocess
+    import argparse
     from collections.abc import Sequence
     from types import FrameType
     from typing import Any, TextIO
@@ -39,8 +38,9 @@ DEFAULT_SPAWN_IDLE = 600.0
 DEFAULT_SEND_TIMEOUT = 10.0
 #: Default for how long ``status`` waits for a claimed endpoint to accept its probe.
 DEFAULT_STATUS_TIMEOUT = 2.0
-#: ``send`` starts at most this many daemons itself (a lost race costs one).
-MAX_SPAWNS = 3
+#: ``send`` asks at most this many times when a daemon closes without answering (it was
+#: exiting, idle, just as we came).
+MAX_ATTEMPTS = 3
 
 PROTOCOL = (
     "protocol: a client sends one line (bytes ending in a newline); the daemon answers "
@@ -67,25 +67,6 @@ exit status:
   0  a daemon answered
   1  nobody is there (or the holder does not accept connections)
   2  a problem to fix first (a bad name, an unsafe directory, a file in the way)"""
-
-
-class _HelpFormatter(argparse.HelpFormatter):
-    """Wraps each paragraph of a description on its own; keeps indented blocks (examples,
-    tables) as written."""
-
-    def _fill_text(self, text: str, width: int, indent: str) -> str:
-        import textwrap
-
-        paragraphs = []
-        for paragraph in text.split("\n\n"):
-            if "\n " in paragraph:
-                paragraphs.append("\n".join(indent + line for line in paragraph.splitlines()))
-            else:
-                words = " ".join(paragraph.split())
-                paragraphs.append(
-                    textwrap.fill(words, width, initial_indent=indent, subsequent_indent=indent)
-                )
-        return "\n\n".join(paragraphs)
 
 
 class UserError(Exception):
@@ -123,6 +104,8 @@ def _describe(exc: BaseException) -> str:
 
 def _seconds(text: str) -> float:
     """argparse type: a number of seconds >= 0."""
+    import argparse
+
     try:
         value = float(text)
     except ValueError:
@@ -203,25 +186,22 @@ def _stop_on_signals(dp: dockpoint.Dockpoint) -> None:
 # --------------------------------------------------------------------------- send
 
 
-def spawn_daemon(app: str, instance: str, idle: float) -> subprocess.Popen[bytes]:
-    """Start ``serve`` for ``(app, instance)`` in the background, detached from this
-    process: its own session (process group on Windows), no console, standard streams on
-    the null device and no inherited descriptors, so a caller waiting for this frontend's
-    pipes to close is never kept waiting by the daemon."""
-    import subprocess
+#: What a daemon that ``send`` starts runs: ``serve`` without runpy and argparse (the
+#: frontend waits for the daemon's start-up). The arguments are ``serve APP INSTANCE IDLE``.
+DAEMON_CODE = "import sys;from dockpoint.__main__ import daemon;sys.exit(daemon(sys.argv[1:]))"
 
+
+def daemon_command(app: str, instance: str, idle: float) -> list[str]:
+    """The command line of the echo daemon that ``send`` starts for ``(app, instance)``."""
     if not sys.executable:
         raise UserError("cannot start a daemon: the Python executable is unknown")
-    command = [sys.executable, "-m", "dockpoint", "serve", app]
-    command += ["--instance", instance, "--idle", repr(idle)]
-    detach: dict[str, Any] = {"start_new_session": True}  # own session: no terminal, no HUP
-    if sys.platform == "win32":
-        flags = subprocess.DETACHED_PROCESS | subprocess.CREATE_NEW_PROCESS_GROUP
-        detach = {"creationflags": flags}
-    devnull = subprocess.DEVNULL
-    return subprocess.Popen(
-        command, stdin=devnull, stdout=devnull, stderr=devnull, close_fds=True, **detach
-    )
+    return [sys.executable, "-c", DAEMON_CODE, "serve", app, instance, repr(idle)]
+
+
+def daemon(args: Sequence[str]) -> int:
+    """Entry point of :func:`daemon_command`: ``serve APP INSTANCE IDLE``."""
+    _, app, instance, idle = args
+    return serve(app, instance, float(idle))
 
 
 def send(
@@ -237,61 +217,60 @@ def send(
     """Send ``message`` to the daemon, starting one if nobody is there; print the reply."""
     stem = endpoint_stem(app, instance)
     deadline = monotonic() + timeout
-    child: subprocess.Popen[bytes] | None = None
-    spawned = 0
-    wait = 0.1  # the first slice of the bounded back-off after a spawn
-    try:
-        while True:
+    started: list[int] = []
+
+    def spawned(pid: int) -> None:
+        started.append(pid)
+        if verbose:
+            _log(f"no daemon answered for {stem}; started one (pid {pid})")
+
+    for _attempt in range(MAX_ATTEMPTS):
+        left = max(0.0, deadline - monotonic())
+        if spawn:
+            try:
+                conn = dockpoint.connect_or_spawn(
+                    app,
+                    daemon_command(app, instance, idle),
+                    instance,
+                    timeout=left,
+                    on_spawn=spawned,
+                )
+            except TimeoutError:  # a daemon it started but that never adopted is stopped
+                return _give_up(stem, timeout, "no daemon answered", started)
+            except dockpoint.SpawnError as exc:
+                raise UserError(str(exc)) from None
+        else:
             conn = dockpoint.connect(app, instance)
-            if conn is None and spawn:
-                if child is not None and child.poll() not in (None, 0):
-                    raise UserError(
-                        f"the daemon started for {stem} exited with status {child.returncode}; "
-                        f"run '{PROG} serve {app} --instance {instance}' to see why"
-                    )
-                if (child is None or child.returncode is not None) and spawned < MAX_SPAWNS:
-                    child = spawn_daemon(app, instance, idle)
-                    spawned += 1
-                    if verbose:
-                        _log(f"no daemon answered for {stem}; started one (pid {child.pid})")
-                left = deadline - monotonic()
-                conn = dockpoint.connect(app, instance, timeout=max(0.0, min(wait, left)))
-                wait = min(wait * 2, 2.0)
-            if conn is not None:
-                with conn:
-                    if verbose:
-                        _log(f"connected to {stem} (daemon pid {conn.peer_pid})")
-                    try:
-                        conn.write(message + b"\n")
-                        reply = _read_line(conn, max(deadline, monotonic() + 0.5))
-                    except TimeoutError:
-                        return _give_up(stem, timeout, "the daemon did not answer")
-                    except OSError:  # the daemon went away while we talked to it
-                        reply = b""
-                if reply:
-                    out = getattr(sys.stdout, "buffer", None)
-                    if out is not None:
-                        out.write(reply if reply.endswith(b"\n") else reply + b"\n")
-                        out.flush()
-                    return EXIT_OK
-                if verbose:
-                    _log(f"the daemon for {stem} closed without answering; trying again")
-            elif not spawn:
+            if conn is None:
                 _log(f"no daemon is serving {stem} (not starting one: --no-spawn)")
                 return EXIT_NOBODY
-            if monotonic() >= deadline:
-                return _give_up(stem, timeout, "no daemon answered")
-    finally:
-        # Leave a daemon we started running: drop our handle without a ResourceWarning.
-        import warnings
+        with conn:
+            if verbose:
+                _log(f"connected to {stem} (daemon pid {conn.peer_pid})")
+            try:
+                conn.write(message + b"\n")
+                reply = _read_line(conn, max(deadline, monotonic() + 0.5))
+            except TimeoutError:
+                return _give_up(stem, timeout, "the daemon did not answer", started)
+            except OSError:  # the daemon went away while we talked to it
+                reply = b""
+        if reply:
+            out = getattr(sys.stdout, "buffer", None)
+            if out is not None:
+                out.write(reply if reply.endswith(b"\n") else reply + b"\n")
+                out.flush()
+            return EXIT_OK
+        if verbose:
+            _log(f"the daemon for {stem} closed without answering; trying again")
+        if monotonic() >= deadline:
+            break
+    return _give_up(stem, timeout, "no daemon answered", started)
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ResourceWarning)
-            child = None
 
-
-def _give_up(stem: str, timeout: float, why: str) -> int:
+def _give_up(stem: str, timeout: float, why: str, started: list[int]) -> int:
     _log(f"{why} for {stem} within {timeout:g} s")
+    for pid in started:  # it adopted the endpoint (else it was stopped): it stays
+        _log(f"the daemon started for {stem} (pid {pid}) keeps running; it serves later calls")
     return EXIT_NOBODY
 
 
@@ -482,8 +461,35 @@ if sys.platform != "win32":
 # --------------------------------------------------------------------------- command line
 
 
+def _help_formatter() -> type[argparse.HelpFormatter]:
+    import argparse
+
+    class _HelpFormatter(argparse.HelpFormatter):
+        """Wraps each paragraph of a description on its own; keeps indented blocks (examples,
+        tables) as written."""
+
+        def _fill_text(self, text: str, width: int, indent: str) -> str:
+            import textwrap
+
+            paragraphs = []
+            for paragraph in text.split("\n\n"):
+                if "\n " in paragraph:
+                    paragraphs.append("\n".join(indent + line for line in paragraph.splitlines()))
+                else:
+                    words = " ".join(paragraph.split())
+                    paragraphs.append(
+                        textwrap.fill(words, width, initial_indent=indent, subsequent_indent=indent)
+                    )
+            return "\n\n".join(paragraphs)
+
+    return _HelpFormatter
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m dockpoint`` argument parser."""
+    import argparse
+
+    formatter = _help_formatter()
     parser = argparse.ArgumentParser(
         prog=PROG,
         description=(
@@ -496,7 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
             f"  {PROG} send demo again    # later calls reuse it\n"
             f"  {PROG} status demo        # where it lives, who holds it\n\n" + EXIT_CODES
         ),
-        formatter_class=_HelpFormatter,
+        formatter_class=formatter,
     )
     parser.add_argument("--version", action="version", version=f"dockpoint {dockpoint.__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
@@ -508,7 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
             help=summary,
             description=description,
             epilog=epilog,
-            formatter_class=_HelpFormatter,
+            formatter_class=formatter,
         )
         sub.add_argument("app", metavar="APP", help="the app name (letters, digits, _ . -)")
         sub.add_argument(

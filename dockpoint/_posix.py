@@ -11,7 +11,7 @@ import os
 import select
 import socket
 import sys
-from stat import S_ISDIR, S_ISLNK, S_ISREG, S_ISSOCK
+from stat import S_ISDIR, S_ISFIFO, S_ISLNK, S_ISREG, S_ISSOCK
 from time import monotonic
 
 from ._common import Api, posix_directory, socket_filename
@@ -269,6 +269,10 @@ class _Listener:
             finally:
                 self.forget()
 
+    def handles(self) -> tuple[int, int]:
+        """The listening socket's and the lock file's descriptors, for a hand-over."""
+        return self._sock.fileno(), self._lock
+
     def forget(self) -> None:
         """Close this process's descriptors only."""
         self._sock.close()
@@ -384,7 +388,151 @@ def _close(fds: list[int]) -> None:
         os.close(fd)
 
 
+#: The environment variable that hands a claimed endpoint to a spawned daemon (see
+#: ``connect_or_spawn``): ``<stem>:<socket fd>:<lock fd>:<ready fd>:<stderr>``.
+HANDOVER = "DOCKPOINT_HANDOVER"
+
+
+def _adopt(stem: str, info: str | None = None) -> tuple[_Listener, str] | None:
+    """Adopt the endpoint ``stem`` handed over in the environment, after verifying it.
+
+    ``None`` when the environment hands over nothing for ``stem``, or when what it names
+    is not this endpoint, claimed by this process (then the caller claims as usual). The
+    variable is removed either way once it names ``stem``, so children never inherit it.
+    """
+    text = os.environ.get(HANDOVER)
+    if not text or text.partition(":")[0] != stem:
+        return None
+    del os.environ[HANDOVER]
+    fields = text.split(":")
+    if len(fields) != 5 or not all(f.isdigit() for f in fields[1:4]):
+        return None
+    sock_fd, lock_fd, ready_fd = int(fields[1]), int(fields[2]), int(fields[3])
+    uid = os.geteuid()
+    directory = _directory(check=True, uid=uid)
+    dfd = _open_directory(directory, uid)
+    fds = [dfd]
+    sock = None
+    try:
+        name = socket_filename(directory, stem, SUN_PATH_MAX)
+        if not _handed_over(sock_fd, lock_fd, dfd, directory, stem, name, uid):
+            _close(fds)
+            return None
+        sock = socket.socket(fileno=sock_fd)
+        fds += os.pipe()
+        ino = os.lstat(name, dir_fd=dfd).st_ino
+        # Nothing may fail from here on: the descriptors are ours now.
+        os.set_inheritable(sock_fd, False)  # exec'd children inherit nothing
+        os.set_inheritable(lock_fd, False)
+        sock.setblocking(False)
+        sock.listen(_BACKLOG)  # again: clients' peer credentials now name this process
+        os.ftruncate(lock_fd, 0)
+        record = b"%d\n" % os.getpid()
+        if info is not None:
+            record += info.encode() + b"\n"
+        os.pwrite(lock_fd, record, 0)
+    except BaseException:
+        if sock is not None:
+            sock.detach()
+        _close(fds)
+        raise
+    listener = _Listener(sock, dfd, lock_fd, (fds[1], fds[2]), (name, ino))
+    _ready(ready_fd, fields[4])
+    return listener, directory + "/" + name
+
+
+def _handed_over(
+    sock_fd: int, lock_fd: int, dfd: int, directory: str, stem: str, name: str, uid: int
+) -> bool:
+    """Whether ``sock_fd`` is this endpoint's listening socket and ``lock_fd`` its lock
+    file, locked by this process's open file description."""
+    import fcntl
+
+    try:
+        if not S_ISSOCK(os.fstat(sock_fd).st_mode):
+            return False
+        lst = os.fstat(lock_fd)
+    except OSError:  # EBADF: not open here
+        return False
+    # What listen() bound, then renamed into place (or the same through the directory alias).
+    temp = name[:-5] + ".new"
+    probe = socket.socket(fileno=os.dup(sock_fd))
+    try:
+        bound = probe.getsockname()
+        if (
+            probe.family != socket.AF_UNIX
+            or probe.type != socket.SOCK_STREAM
+            or not probe.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+            or not isinstance(bound, str)
+        ):
+            return False
+    finally:
+        probe.close()
+    where, _, base = bound.rpartition("/")
+    alias = where.startswith("/proc/self/fd/") and where[14:].isdigit() and _needs_dirfd(directory, name)
+    if base != temp or not (where == directory or alias):
+        return False
+    try:
+        st = os.lstat(stem + ".lock", dir_fd=dfd)
+        sst = os.lstat(name, dir_fd=dfd)
+    except FileNotFoundError:
+        return False
+    if (
+        not S_ISREG(lst.st_mode)
+        or lst.st_uid != uid
+        or (lst.st_dev, lst.st_ino) != (st.st_dev, st.st_ino)
+        or not S_ISSOCK(sst.st_mode)
+    ):
+        return False
+    # Held, and by the inherited open file description: a fresh one cannot take the lock,
+    # the inherited one can (it already has it).
+    other = os.open(stem + ".lock", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dfd)
+    try:
+        try:
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pass
+        else:
+            return False  # nobody held it: not a claim handed over
+    finally:
+        os.close(other)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False  # held through another open file description: someone else's claim
+    return True
+
+
+def _ready(ready_fd: int, stderr: str) -> None:
+    """Tell the spawning frontend the endpoint is adopted; stop its early-stderr capture."""
+    try:
+        st = os.fstat(2)
+        if stderr.isdigit() and S_ISFIFO(st.st_mode) and st.st_ino == int(stderr):
+            # fd 2 is the frontend's capture pipe, which it closes once told: point it at
+            # the null device first, so later writes never meet EPIPE (or SIGPIPE).
+            if sys.stderr is not None:
+                try:
+                    sys.stderr.flush()
+                except (OSError, ValueError):
+                    pass
+            null = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+            os.dup2(null, 2)  # fd 2 stays inheritable: dup2 clears close-on-exec
+            os.close(null)
+    except OSError:
+        pass
+    try:
+        if S_ISFIFO(os.fstat(ready_fd).st_mode):
+            try:
+                os.write(ready_fd, b"+")
+            finally:
+                os.close(ready_fd)
+    except OSError:
+        pass  # the frontend has gone: nothing to tell
+
+
 class _Backend:
+    adopt = staticmethod(_adopt)
+
     @staticmethod
     def locate(stem: str) -> str:
         directory = _directory(check=False, uid=os.geteuid())

@@ -1,0 +1,351 @@
+"""``connect_or_spawn``: claim the endpoint, hand it to a daemon started for it, connect.
+
+Loaded only when a frontend finds nobody there. The protocol underneath (POSIX), which a
+daemon in any language can follow:
+
+- the frontend holds the claim (the ``flock``-ed lock file and the listening socket at
+  the endpoint path) and starts the daemon with both descriptors inherited, plus the
+  write end of a readiness pipe, named in the environment variable
+  ``DOCKPOINT_HANDOVER=<app>@<instance>:<socket fd>:<lock fd>:<ready fd>:<stderr>``
+  (``<stderr>`` is ``-``, or the inode number of the pipe that is the daemon's standard
+  error until it adopts the endpoint);
+- the frontend closes its own copies (the lock stays held: the daemon's copy of the same
+  open file holds it) and connects at once: the kernel queues the connection until the
+  daemon accepts;
+- the daemon verifies and adopts the endpoint, points a capture-pipe standard error at
+  the null device, writes ``+`` to the readiness descriptor and closes it. End of file
+  on the readiness pipe without ``+`` means the daemon died or let go of the endpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from time import monotonic
+
+from ._common import Api, DockpointConnection, SpawnError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # pragma: no cover
+    import subprocess
+    from collections.abc import Callable, Mapping
+
+HANDOVER = "DOCKPOINT_HANDOVER"
+#: How much of the daemon's early error output a SpawnError keeps.
+TAIL_BYTES = 2048
+#: Longest single wait for a holder that is not accepting yet, before claiming again
+#: (the holder may be a daemon that is just exiting).
+HOLDER_SLICE = 0.25
+
+
+def connect_or_spawn(
+    api: Api,
+    app_name: str,
+    instance: str,
+    stem: str,
+    argv: list[str | os.PathLike[str]],
+    timeout: float | None,
+    log: str | os.PathLike[str] | None,
+    env: Mapping[str, str] | None,
+    on_spawn: Callable[[int], object] | None,
+) -> DockpointConnection:
+    """See :meth:`dockpoint._common.Api.connect_or_spawn` (arguments checked there)."""
+    deadline = float("inf") if timeout is None else monotonic() + timeout
+    backend = api._backend
+    handover = sys.platform != "win32"
+    while True:
+        if handover:
+            got = backend.listen(stem)
+            if got is not None:
+                return _hand_over(api, app_name, instance, stem, got, argv, deadline, log, env, on_spawn)
+        else:  # no hand-over on Windows yet: start the daemon, let it claim, wait for it
+            return _spawn_plain(api, app_name, instance, stem, argv, deadline, log, env, on_spawn)
+        # Someone holds the claim: a daemon, or a frontend handing it over. Its endpoint
+        # takes our connection into its queue as soon as it is in place.
+        left = deadline - monotonic()
+        conn = api.connect(app_name, instance, timeout=max(0.0, min(left, HOLDER_SLICE)))
+        if conn is not None:
+            return conn
+        if monotonic() >= deadline:
+            raise TimeoutError(
+                f"no daemon for {stem} accepted a connection in time "
+                "(another process holds the claim)"
+            )
+        conn = api.connect(app_name, instance)
+        if conn is not None:
+            return conn
+
+
+def _open_log(log: str | os.PathLike[str] | None) -> tuple[int, int]:
+    """The daemon's stdout/stderr descriptor and the log's size before it starts."""
+    if log is None:
+        return os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC), -1
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    return fd, os.fstat(fd).st_size
+
+
+def _popen(
+    argv: list[str | os.PathLike[str]],
+    out: int,
+    err: int,
+    pass_fds: tuple[int, ...],
+    environ: Mapping[str, str],
+) -> subprocess.Popen[bytes]:
+    import subprocess
+
+    if sys.platform == "win32":
+        flags = subprocess.DETACHED_PROCESS | subprocess.CREATE_NEW_PROCESS_GROUP
+        return subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=err,
+            close_fds=True,
+            creationflags=flags,
+            env=environ,
+        )
+    return subprocess.Popen(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=out,
+        stderr=err,
+        close_fds=True,
+        pass_fds=pass_fds,
+        start_new_session=True,  # no terminal, no SIGHUP when the frontend's session ends
+        env=environ,
+    )
+
+
+def _release(proc: subprocess.Popen[bytes]) -> None:
+    """Drop our handle of a daemon meant to outlive us, without a ResourceWarning."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        del proc
+
+
+def _hand_over(
+    api: Api,
+    app_name: str,
+    instance: str,
+    stem: str,
+    got: tuple[object, str],
+    argv: list[str | os.PathLike[str]],
+    deadline: float,
+    log: str | os.PathLike[str] | None,
+    env: Mapping[str, str] | None,
+    on_spawn: Callable[[int], object] | None,
+) -> DockpointConnection:
+    listener = got[0]
+    ours: list[int] = []
+    proc = None
+    try:
+        sock_fd, lock_fd = listener.handles()  # type: ignore[attr-defined]
+        ready_r, ready_w = os.pipe()
+        ours += (ready_r, ready_w)
+        out, log_start = _open_log(log)
+        ours.append(out)
+        if log is None:  # capture early stderr in a pipe until the daemon adopts
+            err_r, err = os.pipe()
+            ours += (err_r, err)
+            capture = str(os.fstat(err).st_ino)
+        else:
+            err_r, err, capture = -1, out, "-"
+        environ = dict(os.environ if env is None else env)
+        environ[HANDOVER] = f"{stem}:{sock_fd}:{lock_fd}:{ready_w}:{capture}"
+        proc = _popen(argv, out, err, (sock_fd, lock_fd, ready_w), environ)
+    except BaseException:
+        if proc is None:
+            listener.close()  # type: ignore[attr-defined]  # nobody got it: unlink, unlock
+        else:
+            listener.forget()  # type: ignore[attr-defined]
+        for fd in ours:
+            os.close(fd)
+        raise
+    listener.forget()  # type: ignore[attr-defined]  # the daemon's copies keep the claim
+    for fd in (ready_w, err, out) if err != out else (ready_w, out):
+        os.close(fd)
+    try:
+        if on_spawn is not None:
+            on_spawn(proc.pid)
+        _wait_adopted(proc, stem, argv, ready_r, err_r, log, log_start, deadline)
+        # Connected only now, so peer_pid names the daemon (the kernel records the
+        # listener's pid at connect time); the daemon may still be on its way to accept(),
+        # the connection waits in its queue meanwhile.
+        conn = api.connect(app_name, instance)
+        if conn is None:  # it adopted, then closed at once: ask again like any client
+            conn = api.connect(app_name, instance, timeout=max(0.0, deadline - monotonic()))
+            if conn is None:
+                raise TimeoutError(f"the daemon for {stem} adopted its endpoint but closed it")
+        return conn
+    finally:
+        os.close(ready_r)
+        if err_r >= 0:
+            os.close(err_r)
+        _release(proc)
+
+
+def _wait_adopted(
+    proc: subprocess.Popen[bytes],
+    stem: str,
+    argv: list[str | os.PathLike[str]],
+    ready_r: int,
+    err_r: int,
+    log: str | os.PathLike[str] | None,
+    log_start: int,
+    deadline: float,
+) -> None:
+    """Return once the daemon has adopted the endpoint; raise if it ends first."""
+    import select
+
+    tail = bytearray()
+    poller = select.poll()
+    poller.register(ready_r, select.POLLIN)
+    if err_r >= 0:
+        poller.register(err_r, select.POLLIN)
+    adopted = None
+    while adopted is None:
+        left = deadline - monotonic()
+        ready = poller.poll(None if left == float("inf") else max(0, int(left * 1000) + 1))
+        if not ready:
+            if deadline - monotonic() > 0:
+                continue
+            _stop(proc)
+            raise TimeoutError(
+                f"the daemon started for {stem} (pid {proc.pid}) did not adopt its endpoint "
+                f"in time; it was stopped{_said(_tail(tail, err_r, log, log_start))}"
+            )
+        for fd, _ in ready:
+            chunk = os.read(fd, 4096)
+            if fd == ready_r:
+                adopted = chunk[:1] == b"+"
+            elif chunk:
+                tail += chunk
+                del tail[:-TAIL_BYTES]
+            else:
+                poller.unregister(fd)
+    if adopted:
+        return
+    # End of file without "+": it died, or closed the descriptors without adopting.
+    import subprocess
+
+    try:
+        code = proc.wait(timeout=max(0.0, min(5.0, deadline - monotonic())))
+    except subprocess.TimeoutExpired:
+        code = None
+    if code is None:
+        _stop(proc)
+    text = _tail(tail, err_r, log, log_start)
+    program = os.fsdecode(argv[0])
+    if code is None:
+        what = "closed the endpoint it was handed without adopting it; it was stopped"
+    elif code < 0:
+        what = f"was killed by signal {-code} before it adopted its endpoint"
+    else:
+        what = f"exited with status {code} before it adopted its endpoint"
+    raise SpawnError(
+        f"the daemon started for {stem} ({program}, pid {proc.pid}) {what}{_said(text)}",
+        proc.pid,
+        code,
+        text,
+    )
+
+
+def _said(text: str) -> str:
+    return f"; its last error output:\n{text}" if text else "; it wrote no error output"
+
+
+def _tail(
+    tail: bytearray, err_r: int, log: str | os.PathLike[str] | None, log_start: int
+) -> str:
+    """The end of the daemon's early error output, from the capture pipe or the log."""
+    if err_r >= 0:
+        os.set_blocking(err_r, False)
+        while True:
+            try:
+                chunk = os.read(err_r, 65536)
+            except BlockingIOError:  # a grandchild still holds the pipe open
+                break
+            if not chunk:
+                break
+            tail += chunk
+            del tail[:-TAIL_BYTES]
+        data = bytes(tail)
+    elif log is not None and log_start >= 0:
+        try:
+            with open(log, "rb") as f:
+                size = f.seek(0, 2)
+                f.seek(max(log_start, size - TAIL_BYTES))
+                data = f.read(TAIL_BYTES)
+        except OSError:
+            data = b""
+    else:
+        data = b""
+    return data.decode(errors="replace").strip()
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """Kill a daemon that never adopted its endpoint (and its process group)."""
+    import subprocess
+
+    try:
+        if sys.platform != "win32":
+            import signal
+
+            os.killpg(proc.pid, signal.SIGKILL)  # its own session: the group is its own
+        else:
+            proc.kill()
+    except OSError:
+        pass
+    try:
+        proc.wait(timeout=5.0)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def _spawn_plain(
+    api: Api,
+    app_name: str,
+    instance: str,
+    stem: str,
+    argv: list[str | os.PathLike[str]],
+    deadline: float,
+    log: str | os.PathLike[str] | None,
+    env: Mapping[str, str] | None,
+    on_spawn: Callable[[int], object] | None,
+) -> DockpointConnection:
+    """Start the daemon without a hand-over (Windows) and connect once it has claimed."""
+    out, log_start = _open_log(log)
+    try:
+        proc = _popen(argv, out, out, (), dict(os.environ if env is None else env))
+    finally:
+        os.close(out)
+    try:
+        if on_spawn is not None:
+            on_spawn(proc.pid)
+        pause = 0.005
+        while True:
+            left = deadline - monotonic()
+            conn = api.connect(app_name, instance, timeout=max(0.0, min(left, pause)))
+            if conn is not None:
+                return conn
+            code = proc.poll()
+            if code is not None:
+                conn = api.connect(app_name, instance)  # a daemon that lost a race exits 0
+                if conn is not None:
+                    return conn
+                if code != 0:
+                    text = _tail(bytearray(), -1, log, log_start)
+                    raise SpawnError(
+                        f"the daemon started for {stem} ({os.fsdecode(argv[0])}, pid "
+                        f"{proc.pid}) exited with status {code}{_said(text)}",
+                        proc.pid,
+                        code,
+                        text,
+                    )
+            if monotonic() >= deadline:
+                raise TimeoutError(f"no daemon for {stem} accepted a connection in time")
+            pause = min(pause * 2, 0.1)
+    finally:
+        _release(proc)
