@@ -107,6 +107,9 @@ class SpawnError(ChildProcessError):
         self.returncode = returncode
         self.stderr = stderr
 
+    def __str__(self) -> str:
+        return str(self.strerror)  # the message, without "[Errno 10]"
+
 
 def _closed(what: str) -> DockpointClosedError:
     import errno

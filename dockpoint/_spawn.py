@@ -116,15 +116,6 @@ def _popen(
     )
 
 
-def _release(proc: subprocess.Popen[bytes]) -> None:
-    """Drop our handle of a daemon meant to outlive us, without a ResourceWarning."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ResourceWarning)
-        del proc
-
-
 def _hand_over(
     api: Api,
     app_name: str,
@@ -183,7 +174,11 @@ def _hand_over(
         os.close(ready_r)
         if err_r >= 0:
             os.close(err_r)
-        _release(proc)
+        import warnings
+
+        with warnings.catch_warnings():  # it is meant to outlive us: no "still running"
+            warnings.simplefilter("ignore", ResourceWarning)
+            proc = None
 
 
 def _wait_adopted(
@@ -348,4 +343,8 @@ def _spawn_plain(
                 raise TimeoutError(f"no daemon for {stem} accepted a connection in time")
             pause = min(pause * 2, 0.1)
     finally:
-        _release(proc)
+        import warnings
+
+        with warnings.catch_warnings():  # it is meant to outlive us: no "still running"
+            warnings.simplefilter("ignore", ResourceWarning)
+            proc = None  # type: ignore[assignment]
