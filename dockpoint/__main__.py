@@ -19,7 +19,7 @@ if TYPE_CHECKING:  # pragma: no cover - names for type hints only
     import argparse
     from collections.abc import Sequence
     from types import FrameType
-    from typing import Any, TextIO
+    from typing import TextIO
 
 PROG = "python -m dockpoint"
 
@@ -224,6 +224,7 @@ def send(
         if verbose:
             _log(f"no daemon answered for {stem}; started one (pid {pid})")
 
+    conn: dockpoint.DockpointConnection | None
     for _attempt in range(MAX_ATTEMPTS):
         left = max(0.0, deadline - monotonic())
         if spawn:

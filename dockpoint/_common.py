@@ -48,6 +48,7 @@ if TYPE_CHECKING:  # pragma: no cover - names for type hints only, never importe
         def adopt(self, stem: str) -> tuple[Listener, str] | None:
             """The endpoint handed over by the spawning process (``connect_or_spawn``),
             verified; ``None`` when none is handed over for ``stem``."""
+
         def dial(self, stem: str, timeout: float | None) -> Channel | None:
             """One attempt: ``None`` when nobody is there; ``BlockingIOError`` when the
             holder is alive but cannot take the connection yet."""
@@ -573,17 +574,20 @@ class Api:
         if isinstance(argv, (str, bytes)) or not all(
             isinstance(arg, (str, os.PathLike)) for arg in argv
         ):
-            raise TypeError("argv must be a sequence of str or path arguments, e.g. [sys.executable, 'daemon.py']")
+            raise TypeError(
+                "argv must be a sequence of str or path arguments, "
+                "e.g. [sys.executable, 'daemon.py']"
+            )
         if not argv:
             raise ValueError("argv must name the daemon's program: it is empty")
         conn = self.connect(app_name, instance)
         if conn is not None:
             return conn
-        from ._spawn import connect_or_spawn
+        from ._spawn import Request, connect_or_spawn
 
-        return connect_or_spawn(
-            self, app_name, instance, stem, list(argv), timeout, log, env, on_spawn
-        )
+        names = (app_name, instance, stem)
+        request = Request(self, names, list(argv), timeout, log=log, env=env, on_spawn=on_spawn)
+        return connect_or_spawn(request)
 
     def address(self, app_name: str, instance: str = "default") -> str:
         """Where the endpoint for ``(app_name, instance)`` lives, claimed or not.

@@ -415,7 +415,7 @@ def _adopt(stem: str, info: str | None = None) -> tuple[_Listener, str] | None:
     sock = None
     try:
         name = socket_filename(directory, stem, SUN_PATH_MAX)
-        if not _handed_over(sock_fd, lock_fd, dfd, directory, stem, name, uid):
+        if not _handed_over(sock_fd, lock_fd, dfd, (directory, stem, name)):
             _close(fds)
             return None
         sock = socket.socket(fileno=sock_fd)
@@ -441,22 +441,21 @@ def _adopt(stem: str, info: str | None = None) -> tuple[_Listener, str] | None:
     return listener, directory + "/" + name
 
 
-def _handed_over(
-    sock_fd: int, lock_fd: int, dfd: int, directory: str, stem: str, name: str, uid: int
-) -> bool:
-    """Whether ``sock_fd`` is this endpoint's listening socket and ``lock_fd`` its lock
-    file, locked by this process's open file description."""
-    import fcntl
-
+def _handed_over(sock_fd: int, lock_fd: int, dfd: int, where: tuple[str, str, str]) -> bool:
+    """Whether ``sock_fd`` is the listening socket of the endpoint ``where`` (directory,
+    stem, socket name) and ``lock_fd`` its lock file, locked through this very open file
+    description."""
+    directory, stem, name = where
     try:
-        if not S_ISSOCK(os.fstat(sock_fd).st_mode):
-            return False
-        lst = os.fstat(lock_fd)
-    except OSError:  # EBADF: not open here
+        return _our_socket(sock_fd, directory, name, dfd) and _our_lock(lock_fd, stem, dfd)
+    except OSError:  # EBADF (not open here), ENOTSOCK, ...
         return False
-    # What listen() bound, then renamed into place (or the same through the directory alias).
-    temp = name[:-5] + ".new"
-    probe = socket.socket(fileno=os.dup(sock_fd))
+
+
+def _our_socket(fd: int, directory: str, name: str, dfd: int) -> bool:
+    if not S_ISSOCK(os.fstat(fd).st_mode) or not S_ISSOCK(os.lstat(name, dir_fd=dfd).st_mode):
+        return False
+    probe = socket.socket(fileno=os.dup(fd))
     try:
         bound = probe.getsockname()
         if (
@@ -468,36 +467,37 @@ def _handed_over(
             return False
     finally:
         probe.close()
-    where, _, base = bound.rpartition("/")
-    alias = where.startswith("/proc/self/fd/") and where[14:].isdigit() and _needs_dirfd(directory, name)
-    if base != temp or not (where == directory or alias):
+    # Bound by listen() as <name>.new, then renamed into place (on Linux perhaps through
+    # the /proc/self/fd alias of the directory, with the frontend's descriptor number).
+    prefix, _, base = bound.rpartition("/")
+    alias = prefix.startswith("/proc/self/fd/") and prefix[14:].isdigit()
+    return base == name[:-5] + ".new" and (
+        prefix == directory or (alias and _needs_dirfd(directory, name))
+    )
+
+
+def _our_lock(fd: int, stem: str, dfd: int) -> bool:
+    import fcntl
+
+    st, path = os.fstat(fd), os.lstat(stem + ".lock", dir_fd=dfd)
+    if not S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
         return False
+    if (st.st_dev, st.st_ino) != (path.st_dev, path.st_ino):
+        return False
+    # Held, and through the inherited open file description: a fresh one cannot take the
+    # lock (someone holds it), the inherited one can (it has it already).
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+    other = os.open(stem + ".lock", flags, dir_fd=dfd)
     try:
-        st = os.lstat(stem + ".lock", dir_fd=dfd)
-        sst = os.lstat(name, dir_fd=dfd)
-    except FileNotFoundError:
-        return False
-    if (
-        not S_ISREG(lst.st_mode)
-        or lst.st_uid != uid
-        or (lst.st_dev, lst.st_ino) != (st.st_dev, st.st_ino)
-        or not S_ISSOCK(sst.st_mode)
-    ):
-        return False
-    # Held, and by the inherited open file description: a fresh one cannot take the lock,
-    # the inherited one can (it already has it).
-    other = os.open(stem + ".lock", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dfd)
-    try:
-        try:
-            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            pass
-        else:
-            return False  # nobody held it: not a claim handed over
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pass
+    else:
+        return False  # nobody held it: not a claim handed over
     finally:
-        os.close(other)
+        os.close(other)  # also drops a lock it took
     try:
-        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         return False  # held through another open file description: someone else's claim
     return True

@@ -29,8 +29,11 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:  # pragma: no cover
     import subprocess
     from collections.abc import Callable, Mapping
+    from typing import Any
 
 HANDOVER = "DOCKPOINT_HANDOVER"
+#: Not inherited by children (``O_CLOEXEC`` on POSIX, ``O_NOINHERIT`` on Windows).
+_PRIVATE = getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOINHERIT", 0)
 #: How much of the daemon's early error output a SpawnError keeps.
 TAIL_BYTES = 2048
 #: Longest single wait for a holder that is not accepting yet, before claiming again
@@ -38,28 +41,46 @@ TAIL_BYTES = 2048
 HOLDER_SLICE = 0.25
 
 
-def connect_or_spawn(
-    api: Api,
-    app_name: str,
-    instance: str,
-    stem: str,
-    argv: list[str | os.PathLike[str]],
-    timeout: float | None,
-    log: str | os.PathLike[str] | None,
-    env: Mapping[str, str] | None,
-    on_spawn: Callable[[int], object] | None,
-) -> DockpointConnection:
-    """See :meth:`dockpoint._common.Api.connect_or_spawn` (arguments checked there)."""
-    deadline = float("inf") if timeout is None else monotonic() + timeout
-    backend = api._backend
-    handover = sys.platform != "win32"
+class Request:
+    """One ``connect_or_spawn`` call (arguments checked by ``Api.connect_or_spawn``)."""
+
+    def __init__(
+        self,
+        api: Api,
+        names: tuple[str, str, str],
+        argv: list[str | os.PathLike[str]],
+        timeout: float | None,
+        *,
+        log: str | os.PathLike[str] | None,
+        env: Mapping[str, str] | None,
+        on_spawn: Callable[[int], object] | None,
+    ) -> None:
+        self.api = api
+        self.app_name, self.instance, self.stem = names
+        self.argv = argv
+        self.deadline = float("inf") if timeout is None else monotonic() + timeout
+        self.log = log
+        self.env = env
+        self.on_spawn = on_spawn
+
+    def left(self) -> float:
+        return max(0.0, self.deadline - monotonic())
+
+    def connect(self, timeout: float | None = None) -> DockpointConnection | None:
+        return self.api.connect(self.app_name, self.instance, timeout=timeout)
+
+
+def connect_or_spawn(req: Request) -> DockpointConnection:
+    """See :meth:`dockpoint._common.Api.connect_or_spawn`."""
+    api, app_name, instance, stem = req.api, req.app_name, req.instance, req.stem
+    deadline = req.deadline
     while True:
-        if handover:
-            got = backend.listen(stem)
+        if sys.platform != "win32":
+            got = api._backend.listen(stem)
             if got is not None:
-                return _hand_over(api, app_name, instance, stem, got, argv, deadline, log, env, on_spawn)
+                return _hand_over(req, got[0])
         else:  # no hand-over on Windows yet: start the daemon, let it claim, wait for it
-            return _spawn_plain(api, app_name, instance, stem, argv, deadline, log, env, on_spawn)
+            return _spawn_plain(req)
         # Someone holds the claim: a daemon, or a frontend handing it over. Its endpoint
         # takes our connection into its queue as soon as it is in place.
         left = deadline - monotonic()
@@ -79,8 +100,8 @@ def connect_or_spawn(
 def _open_log(log: str | os.PathLike[str] | None) -> tuple[int, int]:
     """The daemon's stdout/stderr descriptor and the log's size before it starts."""
     if log is None:
-        return os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC), -1
-    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        return os.open(os.devnull, os.O_WRONLY | _PRIVATE), -1
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | _PRIVATE, 0o600)
     return fd, os.fstat(fd).st_size
 
 
@@ -116,23 +137,12 @@ def _popen(
     )
 
 
-def _hand_over(
-    api: Api,
-    app_name: str,
-    instance: str,
-    stem: str,
-    got: tuple[object, str],
-    argv: list[str | os.PathLike[str]],
-    deadline: float,
-    log: str | os.PathLike[str] | None,
-    env: Mapping[str, str] | None,
-    on_spawn: Callable[[int], object] | None,
-) -> DockpointConnection:
-    listener = got[0]
+def _hand_over(req: Request, listener: Any) -> DockpointConnection:
+    stem, log = req.stem, req.log
     ours: list[int] = []
     proc = None
     try:
-        sock_fd, lock_fd = listener.handles()  # type: ignore[attr-defined]
+        sock_fd, lock_fd = listener.handles()
         ready_r, ready_w = os.pipe()
         ours += (ready_r, ready_w)
         out, log_start = _open_log(log)
@@ -143,30 +153,30 @@ def _hand_over(
             capture = str(os.fstat(err).st_ino)
         else:
             err_r, err, capture = -1, out, "-"
-        environ = dict(os.environ if env is None else env)
+        environ = dict(os.environ if req.env is None else req.env)
         environ[HANDOVER] = f"{stem}:{sock_fd}:{lock_fd}:{ready_w}:{capture}"
-        proc = _popen(argv, out, err, (sock_fd, lock_fd, ready_w), environ)
+        proc = _popen(req.argv, out, err, (sock_fd, lock_fd, ready_w), environ)
     except BaseException:
         if proc is None:
-            listener.close()  # type: ignore[attr-defined]  # nobody got it: unlink, unlock
+            listener.close()  # nobody got it: unlink, unlock
         else:
-            listener.forget()  # type: ignore[attr-defined]
+            listener.forget()
         for fd in ours:
             os.close(fd)
         raise
-    listener.forget()  # type: ignore[attr-defined]  # the daemon's copies keep the claim
+    listener.forget()  # the daemon's copies keep the claim
     for fd in (ready_w, err, out) if err != out else (ready_w, out):
         os.close(fd)
     try:
-        if on_spawn is not None:
-            on_spawn(proc.pid)
-        _wait_adopted(proc, stem, argv, ready_r, err_r, log, log_start, deadline)
+        if req.on_spawn is not None:
+            req.on_spawn(proc.pid)
+        _wait_adopted(req, proc, (ready_r, err_r), log_start)
         # Connected only now, so peer_pid names the daemon (the kernel records the
         # listener's pid at connect time); the daemon may still be on its way to accept(),
         # the connection waits in its queue meanwhile.
-        conn = api.connect(app_name, instance)
+        conn = req.connect()
         if conn is None:  # it adopted, then closed at once: ask again like any client
-            conn = api.connect(app_name, instance, timeout=max(0.0, deadline - monotonic()))
+            conn = req.connect(req.left())
             if conn is None:
                 raise TimeoutError(f"the daemon for {stem} adopted its endpoint but closed it")
         return conn
@@ -182,17 +192,15 @@ def _hand_over(
 
 
 def _wait_adopted(
-    proc: subprocess.Popen[bytes],
-    stem: str,
-    argv: list[str | os.PathLike[str]],
-    ready_r: int,
-    err_r: int,
-    log: str | os.PathLike[str] | None,
-    log_start: int,
-    deadline: float,
+    req: Request, proc: subprocess.Popen[bytes], pipes: tuple[int, int], log_start: int
 ) -> None:
     """Return once the daemon has adopted the endpoint; raise if it ends first."""
+    if sys.platform == "win32":  # the hand-over is POSIX-only so far
+        raise NotImplementedError("hand-over is POSIX-only")
     import select
+
+    ready_r, err_r = pipes
+    stem, log, deadline = req.stem, req.log, req.deadline
 
     tail = bytearray()
     poller = select.poll()
@@ -232,7 +240,7 @@ def _wait_adopted(
     if code is None:
         _stop(proc)
     text = _tail(tail, err_r, log, log_start)
-    program = os.fsdecode(argv[0])
+    program = os.fsdecode(req.argv[0])
     if code is None:
         what = "closed the endpoint it was handed without adopting it; it was stopped"
     elif code < 0:
@@ -251,11 +259,9 @@ def _said(text: str) -> str:
     return f"; its last error output:\n{text}" if text else "; it wrote no error output"
 
 
-def _tail(
-    tail: bytearray, err_r: int, log: str | os.PathLike[str] | None, log_start: int
-) -> str:
+def _tail(tail: bytearray, err_r: int, log: str | os.PathLike[str] | None, log_start: int) -> str:
     """The end of the daemon's early error output, from the capture pipe or the log."""
-    if err_r >= 0:
+    if err_r >= 0 and sys.platform != "win32":
         os.set_blocking(err_r, False)
         while True:
             try:
@@ -299,35 +305,25 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
         pass
 
 
-def _spawn_plain(
-    api: Api,
-    app_name: str,
-    instance: str,
-    stem: str,
-    argv: list[str | os.PathLike[str]],
-    deadline: float,
-    log: str | os.PathLike[str] | None,
-    env: Mapping[str, str] | None,
-    on_spawn: Callable[[int], object] | None,
-) -> DockpointConnection:
+def _spawn_plain(req: Request) -> DockpointConnection:
     """Start the daemon without a hand-over (Windows) and connect once it has claimed."""
+    stem, log, argv = req.stem, req.log, req.argv
     out, log_start = _open_log(log)
     try:
-        proc = _popen(argv, out, out, (), dict(os.environ if env is None else env))
+        proc = _popen(argv, out, out, (), dict(os.environ if req.env is None else req.env))
     finally:
         os.close(out)
     try:
-        if on_spawn is not None:
-            on_spawn(proc.pid)
+        if req.on_spawn is not None:
+            req.on_spawn(proc.pid)
         pause = 0.005
         while True:
-            left = deadline - monotonic()
-            conn = api.connect(app_name, instance, timeout=max(0.0, min(left, pause)))
+            conn = req.connect(min(req.left(), pause))
             if conn is not None:
                 return conn
             code = proc.poll()
             if code is not None:
-                conn = api.connect(app_name, instance)  # a daemon that lost a race exits 0
+                conn = req.connect()  # a daemon that lost a race exits 0
                 if conn is not None:
                     return conn
                 if code != 0:
@@ -339,7 +335,7 @@ def _spawn_plain(
                         code,
                         text,
                     )
-            if monotonic() >= deadline:
+            if monotonic() >= req.deadline:
                 raise TimeoutError(f"no daemon for {stem} accepted a connection in time")
             pause = min(pause * 2, 0.1)
     finally:

@@ -61,7 +61,8 @@ with dp:
             if data == b"stderr\\n":
                 sys.stderr.write("x" * 200000 + "\\n")  # far more than a pipe holds
                 sys.stderr.flush()
-            fds = sorted(int(fd) for fd in os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else []
+            proc_fd = "/proc/self/fd"
+            fds = sorted(map(int, os.listdir(proc_fd))) if os.path.isdir(proc_fd) else []
             report = {
                 "pid": os.getpid(),
                 "before": before,
@@ -221,7 +222,15 @@ def test_storm_starts_one_daemon(app: str, daemon_py: Path, tmp_path: Path) -> N
         for _ in range(number):
             procs.append(
                 subprocess.Popen(
-                    [sys.executable, "-c", frontend, str(daemon_py), app, str(pidfile), str(number)],
+                    [
+                        sys.executable,
+                        "-c",
+                        frontend,
+                        str(daemon_py),
+                        app,
+                        str(pidfile),
+                        str(number),
+                    ],
                     stdin=gate_r,
                     stdout=subprocess.PIPE,
                     stderr=subprocess.PIPE,
@@ -244,7 +253,7 @@ def test_storm_starts_one_daemon(app: str, daemon_py: Path, tmp_path: Path) -> N
 
     daemons = pidfile.read_text().split() if pidfile.exists() else []
     try:
-        for p, (out, err) in zip(procs, results):
+        for p, (_, err) in zip(procs, results):
             assert p.returncode == 0, err.decode()
         reports = [json.loads(out) for out, _ in results]
         events = [pid for r in reports for pid in r["spawned"]]
@@ -266,14 +275,22 @@ def test_storm_starts_one_daemon(app: str, daemon_py: Path, tmp_path: Path) -> N
 @pytest.mark.parametrize(
     ("code", "status", "needle"),
     [
-        ("import no_such_module_for_dockpoint\n", 1, "No module named 'no_such_module_for_dockpoint'"),
-        ("import sys\nsys.stderr.write('bad config: port 0\\n')\nsys.exit(3)\n", 3, "bad config: port 0"),
+        (
+            "import no_such_module_for_dockpoint\n",
+            1,
+            "No module named 'no_such_module_for_dockpoint'",
+        ),
+        (
+            "import sys\nsys.stderr.write('bad config: port 0\\n')\nsys.exit(3)\n",
+            3,
+            "bad config: port 0",
+        ),
         ("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n", -signal.SIGKILL, ""),
     ],
     ids=["import-error", "exit-3", "sigkill"],
 )
 def test_daemon_dies_before_adopting(
-    app: str, tmp_path: Path, spawned: Spawned, code: str, status: int, needle: str
+    app: str, tmp_path: Path, spawned: Spawned, *, code: str, status: int, needle: str
 ) -> None:
     """A daemon that dies at start makes connect_or_spawn raise SpawnError with its exit
     status and error output, long before the timeout; the endpoint is free again."""
@@ -326,7 +343,9 @@ def test_timeout_stops_a_daemon_that_never_adopts(
     script = tmp_path / "stuck.py"
     script.write_text("import sys\nsys.stdout.flush()\nimport time\ntime.sleep(120)\n")
     with pytest.raises(TimeoutError, match="did not adopt"):
-        dockpoint.connect_or_spawn(app, [sys.executable, str(script)], timeout=0.5, on_spawn=spawned)
+        dockpoint.connect_or_spawn(
+            app, [sys.executable, str(script)], timeout=0.5, on_spawn=spawned
+        )
     (pid,) = spawned.pids
     assert gone(pid)
     dp = dockpoint.claim(app)
@@ -414,7 +433,8 @@ def test_adopts_a_real_hand_over(app: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "forgery", ["closed-fds", "not-a-socket", "another-app", "foreign-socket", "unlocked", "garbled"]
+    "forgery",
+    ["closed-fds", "not-a-socket", "another-app", "foreign-socket", "unlocked", "garbled"],
 )
 def test_forged_hand_over_is_not_adopted(app: str, forgery: str) -> None:
     """claim() verifies what the environment names: a forged hand-over is ignored (the
