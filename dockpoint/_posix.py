@@ -568,10 +568,16 @@ class _Backend:
     @staticmethod
     def dial(stem: str, timeout: float | None) -> _Channel | None:
         uid = os.geteuid()
+        # One lstat: the endpoint directory's (see the README's security model); the peer's
+        # uid, checked below, proves the daemon is this user's.
+        directory = _directory(check=False, uid=uid)
         try:
-            directory = _directory(check=True, uid=uid)
             st = _checked_lstat(directory, uid)
         except FileNotFoundError:  # no runtime dir (logged out) or no endpoint dir yet
+            try:
+                _directory(check=True, uid=uid)  # an unsafe runtime dir is reported as such
+            except FileNotFoundError:
+                pass
             return None
         name = socket_filename(directory, stem, SUN_PATH_MAX)
         target = directory + "/" + name
