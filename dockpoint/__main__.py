@@ -17,9 +17,9 @@ from dockpoint._common import endpoint_stem
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # pragma: no cover - names for type hints only
     import argparse
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
     from types import FrameType
-    from typing import TextIO
+    from typing import Any, TextIO
 
 PROG = "python -m dockpoint"
 
@@ -104,14 +104,26 @@ def _describe(exc: BaseException) -> str:
 
 def _seconds(text: str) -> float:
     """argparse type: a number of seconds >= 0."""
-    import argparse
+    value = _parse_seconds(text)
+    if value is None:
+        import argparse
 
+        try:
+            float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds >= 0: {text!r}")
+    return value
+
+
+def _parse_seconds(text: str) -> float | None:
+    """A finite number of seconds >= 0, or ``None``."""
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+        return None
     if not value >= 0.0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number of seconds >= 0: {text!r}")
+        return None
     return value
 
 
@@ -602,8 +614,63 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _reporting(command: Callable[[], int]) -> int:
+    """Run ``command``; report a problem to fix on stderr in one line, not a traceback."""
+    try:
+        return command()
+    except KeyboardInterrupt:
+        return 130
+    except (UserError, OSError, ValueError) as exc:
+        _log(f"error: {_describe(exc)}")
+        return EXIT_ERROR
+
+
+def _quick_send(argv: Sequence[str]) -> dict[str, Any] | None:
+    """The arguments of a well-formed ``send`` command line, parsed without argparse (a
+    frontend pays for every import); ``None`` for anything else, which argparse parses
+    (and reports errors in) as usual."""
+    if not argv or argv[0] != "send":
+        return None
+    args: dict[str, Any] = {
+        "instance": "default",
+        "timeout": DEFAULT_SEND_TIMEOUT,
+        "idle": DEFAULT_SPAWN_IDLE,
+        "spawn": True,
+        "verbose": False,
+    }
+    positional = []
+    rest = iter(argv[1:])
+    for arg in rest:
+        if arg in ("-v", "--verbose"):
+            args["verbose"] = True
+        elif arg == "--no-spawn":
+            args["spawn"] = False
+        elif arg in ("-i", "--instance"):
+            args["instance"] = next(rest, None)
+        elif arg in ("--timeout", "--idle"):
+            args[arg[2:]] = _parse_seconds(next(rest, "-"))
+        elif arg[:1] == "-":
+            return None
+        else:
+            positional.append(arg)
+    if len(positional) != 2 or None in args.values():
+        return None
+    args["app"], text = positional
+    try:
+        endpoint_stem(args["app"], args["instance"])
+    except (TypeError, ValueError):
+        return None
+    args["message"] = os.fsencode(text)
+    if b"\n" in args["message"] or b"\r" in args["message"]:
+        return None
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``python -m dockpoint`` with ``argv`` (default: the command line)."""
+    quick = _quick_send(sys.argv[1:] if argv is None else argv)
+    if quick is not None:
+        return _reporting(lambda: send(**quick))
     parser = build_parser()
     args = parser.parse_args(argv)
     sub: argparse.ArgumentParser = args.parser
@@ -638,4 +705,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    _code = main()
+    if sys.flags.dev_mode:  # let -X dev see what a normal exit reports
+        sys.exit(_code)
+    # Nothing is left to clean up (the daemon, if one was started, is detached): skip the
+    # interpreter's teardown once the output is out.
+    for _stream in (sys.stdout, sys.stderr):
+        try:
+            if _stream is not None:
+                _stream.flush()
+        except (OSError, ValueError):
+            _code = _code or EXIT_ERROR
+    os._exit(_code)

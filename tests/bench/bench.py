@@ -1174,6 +1174,7 @@ def bench_wine(table: Table, reps: int, timeout: float) -> str | None:
 # --------------------------------------------------------------------------- rows 8-12: frontends
 
 SPAWN_APP = "dockpoint-bench-spawn"
+WARM_APP = "dockpoint-bench-warm"
 RECIPE_APP = "dockpoint-bench-recipe"
 STORM_APP = "dockpoint-bench-storm"
 STORM_SIZES = (30, 100)
@@ -1262,7 +1263,7 @@ class Frontends:
         return took
 
     def warm_send(self) -> float:
-        return self.run("-m", "dockpoint", "send", SPAWN_APP, "hello")[0]
+        return self.run("-m", "dockpoint", "send", WARM_APP, "hello")[0]
 
     def cold_recipe(self) -> float:
         took, out = self.run(str(self.recipe / "frontend.py"))
@@ -1272,6 +1273,8 @@ class Frontends:
     def single(self) -> None:
         """Rows 8-10, interleaved: floor, cold send, cold recipe, then warm send against
         one import (a daemon started for it, stopped after)."""
+        _, out = self.run("-m", "dockpoint", "send", WARM_APP, "hi")
+        warm_daemon = int(out.split()[0])
         got = interleave(
             {
                 "floor2": lambda: self.floor(2),
@@ -1282,8 +1285,7 @@ class Frontends:
             },
             self.reps,
         )
-        _, out = self.run("-m", "dockpoint", "send", SPAWN_APP, "bye")
-        stop_daemon(int(out.split()[0]))
+        stop_daemon(warm_daemon)
         rows = [
             ("8 cold send (no daemon -> reply)", "cold send", "floor2", "2 x import dockpoint"),
             ("9 cold README recipe", "cold recipe", "floor2", "2 x import dockpoint"),
