@@ -834,3 +834,15 @@ def test_send_verbose_names_the_daemon(env: dict[str, str], app: str, daemons: D
     pid = daemons.add(reply_pid(result.stdout, "hello"))
     assert SPAWNED.findall(result.stderr) == [b"%d" % pid]
     assert b"(daemon pid %d)" % pid in result.stderr
+
+
+@pytest.mark.parametrize("flag", ["-i", "--instance"])
+def test_send_instance(env: dict[str, str], app: str, daemons: Daemons, flag: str) -> None:
+    """``send`` talks to (and starts) the daemon of the instance it names, only that one."""
+    result = cli(env, "send", app, "hello", flag, "second", "--timeout", "20", "-v")
+    assert result.returncode == 0, result.stderr
+    pid = daemons.add(reply_pid(result.stdout, "hello"))
+    conn = dockpoint.connect(app, "second")
+    assert conn is not None and conn.peer_pid == pid
+    conn.close()
+    assert dockpoint.connect(app) is None
