@@ -6,10 +6,12 @@ holder. Only the lock holder binds, renames or unlinks the socket path.
 
 from __future__ import annotations
 
+# The C module under the socket module: ``socket.py`` imports enum, selectors and more,
+# most of what ``import dockpoint`` would cost a frontend; dockpoint needs none of it.
+import _socket as socket
 import errno
 import os
 import select
-import socket
 import sys
 from stat import S_ISDIR, S_ISFIFO, S_ISLNK, S_ISREG, S_ISSOCK
 from time import monotonic
@@ -216,9 +218,11 @@ class _Listener:
         wake = self._wake_r
         while True:
             try:  # a client already waiting is taken at once; poll only to wait
-                conn, _ = self._sock.accept()
+                fd, _ = self._sock._accept()  # type: ignore[attr-defined]  # accept4, CLOEXEC
             except (BlockingIOError, ConnectionAbortedError):  # none yet, or it gave up
                 conn = None
+            else:
+                conn = socket.socket(fileno=fd)
             if conn is None:
                 if poller is None:  # one per call: poll objects cannot be shared by threads
                     poller = select.poll()
