@@ -31,6 +31,7 @@ pytestmark = pytest.mark.skipif(
 
 HANDOVER = "DOCKPOINT_HANDOVER"
 TIMEOUT = 30.0
+KILL = getattr(signal, "SIGKILL", 9)
 
 #: A daemon: claims APP, records its pid in PIDFILE, and answers each request line with a
 #: JSON report of what it sees, until it has served COUNT clients or is idle for 30 s.
@@ -93,7 +94,7 @@ class Spawned:
     def kill_all(self) -> None:
         for pid in self.pids:
             try:
-                os.kill(pid, signal.SIGKILL)
+                os.kill(pid, KILL)
             except OSError:
                 pass
 
@@ -264,7 +265,7 @@ def test_storm_starts_one_daemon(app: str, daemon_py: Path, tmp_path: Path) -> N
     finally:
         for pid in daemons:
             try:
-                os.kill(int(pid), signal.SIGKILL)
+                os.kill(int(pid), KILL)
             except OSError:
                 pass
 
@@ -285,7 +286,7 @@ def test_storm_starts_one_daemon(app: str, daemon_py: Path, tmp_path: Path) -> N
             3,
             "bad config: port 0",
         ),
-        ("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n", -signal.SIGKILL, ""),
+        ("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n", -KILL, ""),
     ],
     ids=["import-error", "exit-3", "sigkill"],
 )
