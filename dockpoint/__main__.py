@@ -560,10 +560,13 @@ def build_parser() -> argparse.ArgumentParser:
     send_cmd = command(
         "send",
         "send MESSAGE to APP's daemon, starting the daemon if nobody is there",
-        "Connect to APP's daemon and print its reply. When nobody is there, start "
-        f"'{PROG} serve APP' in the background, detached from this terminal, and retry "
-        "with a growing pause until it answers or --timeout runs out. Any number of "
-        "concurrent 'send's end up talking to one daemon.\n\n" + PROTOCOL,
+        "Connect to APP's daemon and print its reply. When nobody is there, claim APP's "
+        f"endpoint, start the echo daemon ('{PROG} serve APP') detached from this "
+        "terminal with the endpoint handed over to it, and talk to it "
+        "(dockpoint.connect_or_spawn). Any number of concurrent 'send's start one daemon "
+        "and all talk to it. A daemon that fails at start is reported with its exit "
+        "status and error output; one that has not started when --timeout runs out is "
+        "stopped.\n\n" + PROTOCOL,
         SEND_EXIT,
     )
     send_cmd.add_argument("message", metavar="MESSAGE", help="one line of text to send")
