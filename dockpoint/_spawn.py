@@ -137,6 +137,139 @@ def _popen(
     )
 
 
+class _Daemon:
+    """A daemon started detached with ``os.posix_spawn`` (a frontend pays for every
+    import, and ``subprocess`` is a big one), or with ``subprocess`` where the platform's
+    ``posix_spawn`` cannot start a session. ``keep`` descriptors are inherited as
+    :attr:`fds`, everything else is closed or close-on-exec."""
+
+    def __init__(
+        self,
+        argv: list[str | os.PathLike[str]],
+        stdio: tuple[int, int],
+        keep: tuple[int, ...],
+        environ: dict[str, str],
+        variable: Callable[[tuple[int, ...]], str],
+    ) -> None:
+        self.code: int | None = None
+        self.pid = -1
+        self._popen: subprocess.Popen[bytes] | None = None
+        if sys.platform == "win32":  # the hand-over is POSIX-only so far
+            raise NotImplementedError("hand-over is POSIX-only")
+        out, err = stdio
+        spawn = getattr(os, "posix_spawnp", None)
+        if spawn is None or not hasattr(os, "waitstatus_to_exitcode"):
+            self.fds = keep
+            environ[HANDOVER] = variable(keep)
+            self._popen = _popen(argv, out, err, keep, environ)
+            self.pid = self._popen.pid
+            return
+        null = os.open(os.devnull, os.O_RDONLY | _PRIVATE)
+        try:
+            # Every source is close-on-exec; copies above all of them (dup2 clears the flag)
+            # become the daemon's stdio and the kept descriptors, whatever their numbers.
+            sources = (null, out, err, *keep)
+            top = max(sources) + 1
+            actions: list[tuple[int, ...]] = [
+                (os.POSIX_SPAWN_DUP2, fd, top + i) for i, fd in enumerate(sources)
+            ]
+            for i in range(3):
+                actions += [(os.POSIX_SPAWN_DUP2, top + i, i), (os.POSIX_SPAWN_CLOSE, top + i)]
+            mine = range(top, top + len(sources))
+            actions += [(os.POSIX_SPAWN_CLOSE, fd) for fd in _inheritable() if fd not in mine]
+            self.fds = tuple(range(top + 3, top + 3 + len(keep)))
+            environ[HANDOVER] = variable(self.fds)
+            try:
+                self.pid = spawn(argv[0], argv, environ, file_actions=actions, setsid=True)
+            except NotImplementedError:  # no POSIX_SPAWN_SETSID here
+                self.fds = keep
+                environ[HANDOVER] = variable(keep)
+                self._popen = _popen(argv, out, err, keep, environ)
+                self.pid = self._popen.pid
+        finally:
+            os.close(null)
+
+    def wait(self, timeout: float) -> int | None:
+        """The exit status (negative: the signal), or ``None`` if it still runs."""
+        if self._popen is not None:
+            import subprocess
+
+            try:
+                return self._popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                return None
+        if self.code is None and sys.platform != "win32":
+            pidfd = -1
+            if hasattr(os, "pidfd_open"):
+                try:
+                    pidfd = os.pidfd_open(self.pid)
+                except OSError:
+                    pidfd = -1
+            try:
+                deadline = monotonic() + timeout
+                while True:
+                    pid, status = os.waitpid(self.pid, os.WNOHANG)
+                    if pid:
+                        self.code = os.waitstatus_to_exitcode(status)
+                        break
+                    left = deadline - monotonic()
+                    if left <= 0:
+                        break
+                    if pidfd >= 0:
+                        import select
+
+                        select.select([pidfd], [], [], left)
+                    else:
+                        import time
+
+                        time.sleep(min(left, 0.001))  # no pidfd (macOS, BSD): bounded poll
+            finally:
+                if pidfd >= 0:
+                    os.close(pidfd)
+        return self.code
+
+    def stop(self) -> None:
+        """Kill a daemon that never adopted its endpoint (and its process group)."""
+        try:
+            if sys.platform != "win32":
+                import signal
+
+                os.killpg(self.pid, signal.SIGKILL)  # its own session: the group is its own
+            elif self._popen is not None:
+                self._popen.kill()
+        except OSError:
+            pass
+        self.wait(5.0)
+
+    def release(self) -> None:
+        """Let go of a daemon meant to outlive this process."""
+        if self._popen is not None:
+            import warnings
+
+            with warnings.catch_warnings():  # no "still running" ResourceWarning
+                warnings.simplefilter("ignore", ResourceWarning)
+                self._popen = None
+
+
+def _inheritable() -> list[int]:
+    """This process's inheritable descriptors from 3 up, which a daemon must not get."""
+    for where in ("/proc/self/fd", "/dev/fd"):
+        try:
+            names = os.listdir(where)
+        except OSError:
+            continue
+        found = []
+        for name in names:
+            fd = int(name)
+            try:
+                if fd > 2 and os.get_inheritable(fd):
+                    found.append(fd)
+            except OSError:  # the listing's own descriptor, closed by now
+                pass
+        return found
+    return []
+
+
 def _hand_over(req: Request, listener: Any) -> DockpointConnection:
     stem, log = req.stem, req.log
     ours: list[int] = []
@@ -154,8 +287,13 @@ def _hand_over(req: Request, listener: Any) -> DockpointConnection:
         else:
             err_r, err, capture = -1, out, "-"
         environ = dict(os.environ if req.env is None else req.env)
-        environ[HANDOVER] = f"{stem}:{sock_fd}:{lock_fd}:{ready_w}:{capture}"
-        proc = _popen(req.argv, out, err, (sock_fd, lock_fd, ready_w), environ)
+        proc = _Daemon(
+            req.argv,
+            (out, err),
+            (sock_fd, lock_fd, ready_w),
+            environ,
+            lambda fds: f"{stem}:{fds[0]}:{fds[1]}:{fds[2]}:{capture}",
+        )
     except BaseException:
         if proc is None:
             listener.close()  # nobody got it: unlink, unlock
@@ -184,16 +322,10 @@ def _hand_over(req: Request, listener: Any) -> DockpointConnection:
         os.close(ready_r)
         if err_r >= 0:
             os.close(err_r)
-        import warnings
-
-        with warnings.catch_warnings():  # it is meant to outlive us: no "still running"
-            warnings.simplefilter("ignore", ResourceWarning)
-            proc = None
+        proc.release()
 
 
-def _wait_adopted(
-    req: Request, proc: subprocess.Popen[bytes], pipes: tuple[int, int], log_start: int
-) -> None:
+def _wait_adopted(req: Request, proc: _Daemon, pipes: tuple[int, int], log_start: int) -> None:
     """Return once the daemon has adopted the endpoint; raise if it ends first."""
     if sys.platform == "win32":  # the hand-over is POSIX-only so far
         raise NotImplementedError("hand-over is POSIX-only")
@@ -214,7 +346,7 @@ def _wait_adopted(
         if not ready:
             if deadline - monotonic() > 0:
                 continue
-            _stop(proc)
+            proc.stop()
             raise TimeoutError(
                 f"the daemon started for {stem} (pid {proc.pid}) did not adopt its endpoint "
                 f"in time; it was stopped{_said(_tail(tail, err_r, log, log_start))}"
@@ -231,14 +363,9 @@ def _wait_adopted(
     if adopted:
         return
     # End of file without "+": it died, or closed the descriptors without adopting.
-    import subprocess
-
-    try:
-        code = proc.wait(timeout=max(0.0, min(5.0, deadline - monotonic())))
-    except subprocess.TimeoutExpired:
-        code = None
+    code = proc.wait(max(0.0, min(5.0, deadline - monotonic())))
     if code is None:
-        _stop(proc)
+        proc.stop()
     text = _tail(tail, err_r, log, log_start)
     program = os.fsdecode(req.argv[0])
     if code is None:
@@ -284,25 +411,6 @@ def _tail(tail: bytearray, err_r: int, log: str | os.PathLike[str] | None, log_s
     else:
         data = b""
     return data.decode(errors="replace").strip()
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    """Kill a daemon that never adopted its endpoint (and its process group)."""
-    import subprocess
-
-    try:
-        if sys.platform != "win32":
-            import signal
-
-            os.killpg(proc.pid, signal.SIGKILL)  # its own session: the group is its own
-        else:
-            proc.kill()
-    except OSError:
-        pass
-    try:
-        proc.wait(timeout=5.0)
-    except subprocess.TimeoutExpired:
-        pass
 
 
 def _spawn_plain(req: Request) -> DockpointConnection:
