@@ -64,7 +64,7 @@ def pytest_configure(config: pytest.Config) -> None:
     global PRIVATE_TMP
     if os.environ.get("DOCKPOINT_TEST_INSTALLED") == "1":
         where = Path(dockpoint.__file__).resolve()
-        if CHECKOUT in where.parents:
+        if where.parent == CHECKOUT / "dockpoint":
             raise pytest.UsageError(
                 f"dockpoint was imported from the checkout ({where}), not from the installed "
                 "package: run pytest from outside the repository (see noxfile.py)"

@@ -785,22 +785,31 @@ def test_stop_a_holder_that_ignores_sigterm(env: dict[str, str], app: str) -> No
 def test_stop_never_signals_a_pid_that_does_not_hold_the_claim(
     env: dict[str, str], app: str
 ) -> None:
-    """A lock file naming a live process that does not hold the claim: nothing is sent."""
-    bystander = subprocess.Popen(
-        [sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE
+    """A lock file naming a live process other than the one holding the lock (and no
+    socket to ask): nothing is sent to either."""
+    sleeper = [sys.executable, "-c", "import sys; sys.stdin.read()"]
+    bystander = subprocess.Popen(sleeper, stdin=subprocess.PIPE)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", STUBBORN.replace("signal.SIG_IGN", "signal.SIG_DFL"), app],
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
     )
     try:
-        directory, lock_name, _ = endpoint_files(app)
-        directory.mkdir(mode=0o700)
+        assert holder.stdout is not None and holder.stdout.readline() == b"claimed\n"
+        directory, lock_name, sock_name = endpoint_files(app)
         (directory / lock_name).write_bytes(b"%d\n" % bystander.pid)
-        result = cli(env, "stop", app)
+        os.unlink(directory / sock_name)  # no peer to ask who serves
+        result = cli(env, "stop", app, "--timeout", "1")
         assert result.returncode == 1, result
-        assert bystander.poll() is None
+        assert bystander.poll() is None and holder.poll() is None
     finally:
-        bystander.kill()
-        bystander.wait(CLI_TIMEOUT)
-        if bystander.stdin is not None:
-            bystander.stdin.close()
+        for proc in (bystander, holder):
+            proc.kill()
+            proc.wait(CLI_TIMEOUT)
+            for stream in (proc.stdin, proc.stdout):
+                if stream is not None:
+                    stream.close()
 
 
 # --------------------------------------------------------------------------- detached

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 if sys.platform == "win32":
-    pytest.skip("POSIX backend only (the Windows probe is a connect attempt)", allow_module_level=True)
+    pytest.skip("POSIX backend only: the Windows probe is a connect", allow_module_level=True)
 
 from conftest import LINUX, Child, child_env
 
@@ -69,7 +69,9 @@ def check(app: str, state: str, code: int, **env: str) -> dockpoint.Probe:
 def snapshot(runtime: Path) -> dict[str, bytes | str]:
     out: dict[str, bytes | str] = {}
     for p in sorted(runtime.rglob("*")):
-        out[str(p)] = p.read_bytes() if p.is_file() and not p.is_symlink() else oct(p.lstat().st_mode)
+        out[str(p)] = (
+            p.read_bytes() if p.is_file() and not p.is_symlink() else oct(p.lstat().st_mode)
+        )
     return out
 
 
@@ -311,4 +313,3 @@ def test_stop_with_the_library(runtime: Path, app: str, children: list[Child]) -
     assert dockpoint.probe(app).state in ("stale", "absent")
     with pytest.raises(TypeError):
         dockpoint.stop(app, timeout=None)  # type: ignore[arg-type]
-
