@@ -87,10 +87,11 @@ states:
   blocked         something that is not a socket sits at the socket path"""
 STOP_EXIT = """\
 exit status:
-  0  the holder released the claim (it was sent SIGTERM and let go in time)
+  0  the holder released the claim (it was sent SIGTERM, or on Windows ended,
+     and let go in time)
   1  nobody holds the claim here (nothing was sent)
   2  a problem to fix first (a bad name, an unsafe directory, another user's
-     endpoint, an OS where stop is not available)
+     endpoint)
   3  the holder still holds the claim after --timeout"""
 
 
@@ -495,7 +496,8 @@ def build_parser() -> argparse.ArgumentParser:
         "Built on dockpoint.stop(): checks that the pid recorded in the lock file still "
         "holds the claim, sends it SIGTERM, and waits up to --timeout for the claim to "
         "be released. Any daemon that closes its endpoint on SIGTERM (as 'serve' does), "
-        "or dies of it, stops this way. Not available on Windows yet.",
+        "or dies of it, stops this way. On Windows the pipe server's process is ended "
+        "(TerminateProcess).",
         STOP_EXIT,
     )
     stop_cmd.add_argument(

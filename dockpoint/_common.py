@@ -48,7 +48,8 @@ if TYPE_CHECKING:  # pragma: no cover - names for type hints only, never importe
         # Optional (a backend without them gets the portable fallbacks of Api.probe/stop):
         # inspect(stem, timeout) -> (state, address, pid, info, reason), read-only;
         # holds(stem, pid) -> whether process pid holds the claim now, read-only;
-        # ask_to_exit(pid) -> ask process pid to release the claim and exit (SIGTERM).
+        # ask_to_exit(pid) -> ask process pid to release the claim and exit (SIGTERM);
+        # without them, stop() asks dial() for the server's pid and uses os.kill.
 
 
 __all__ = [
@@ -240,6 +241,14 @@ class Probe:
             f"Probe(state={self.state!r}, address={self.address!r}, pid={self.pid!r}, "
             f"info={self.info!r})"
         )
+
+
+def _terminate(pid: int) -> None:
+    """End process ``pid`` (for backends without ``ask_to_exit``; on Windows
+    ``os.kill`` is ``TerminateProcess``, and the endpoint dies with the process)."""
+    import signal
+
+    os.kill(pid, signal.SIGTERM)
 
 
 # --------------------------------------------------------------------------- classes
@@ -607,7 +616,11 @@ class Api:
             (see :func:`probe` for the details, e.g. a daemon found ``"elsewhere"``).
         :raises TimeoutError: the holder still holds the claim after ``timeout``.
         :raises PermissionError: the endpoint is another user's or its directory unsafe.
-        :raises OSError: ``errno.ENOTSUP`` where this OS offers no way to do it yet.
+
+        On Windows the holder is the server process of the pipe a connection reaches
+        (its pid from ``GetNamedPipeServerProcessId``); it is ended with
+        ``TerminateProcess`` (``os.kill``), which gives it no chance to clean up, and the
+        pipe dies with it.
         """
         import errno
 
@@ -617,12 +630,8 @@ class Api:
         wait = check_timeout(timeout)
         assert wait is not None
         backend = self._backend
-        holds = getattr(backend, "holds", None)
-        ask = getattr(backend, "ask_to_exit", None)
-        if holds is None or ask is None:
-            raise OSError(
-                errno.ENOTSUP, "dockpoint cannot stop a daemon on this OS yet", backend.locate(stem)
-            )
+        holds = getattr(backend, "holds", None) or self._serves
+        ask = getattr(backend, "ask_to_exit", None) or _terminate
         found = self.probe(app_name, instance, timeout=min(wait, PROBE_TIMEOUT))
         if found.state in ("unsafe", "foreign"):
             raise PermissionError(errno.EACCES, found.reason, found.address)
@@ -646,6 +655,19 @@ class Api:
             time.sleep(min(pause, left))
             pause = min(pause * 2, 0.05)
         return pid
+
+    def _serves(self, stem: str, pid: int) -> bool:
+        """Whether process ``pid`` serves ``stem`` (for backends without ``holds``: the
+        server of the endpoint a connection reaches is its holder)."""
+        try:
+            channel = self._backend.dial(stem, PROBE_TIMEOUT)
+        except BlockingIOError:
+            return True  # busy: still there
+        if channel is None:
+            return False
+        served = channel.peer_pid == pid
+        channel.close()
+        return served
 
     def address(self, app_name: str, instance: str = "default") -> str:
         """Where the endpoint for ``(app_name, instance)`` lives, claimed or not.

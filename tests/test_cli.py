@@ -749,6 +749,22 @@ def test_stop_a_serving_daemon(env: dict[str, str], app: str, servers: list[Serv
     assert b"nothing to stop" in again.stdout
 
 
+def test_stop_on_every_os(env: dict[str, str], app: str, servers: list[Server]) -> None:
+    """POSIX: SIGTERM, and serve exits cleanly; Windows: TerminateProcess. Either way the
+    endpoint is free afterwards and a second stop finds nothing."""
+    server = Server(env, app)
+    servers.append(server)
+    server.wait_ready()
+    result = cli(env, "stop", app)
+    assert result.returncode == 0, result
+    assert b"pid %d released the claim" % server.proc.pid in result.stdout
+    server.proc.wait(CLI_TIMEOUT)
+    assert dockpoint.probe(app).state == "absent"
+    again = cli(env, "stop", app)
+    assert again.returncode == 1, again
+    assert b"nothing to stop" in again.stdout
+
+
 STUBBORN = """
 import dockpoint, signal, sys
 signal.signal(signal.SIGTERM, signal.SIG_IGN)
