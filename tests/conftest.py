@@ -84,21 +84,45 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def _private_tmp() -> bool:
-    """Move this process into its own mount namespace with fresh /tmp and /run/user."""
+    """Move this process into its own mount namespace with fresh /tmp and /run/user.
+
+    What this process itself runs from under the old /tmp (the checkout, the virtual
+    environment, the working directory) is bind-mounted into the fresh /tmp at the same
+    path; everything else there, such as an old ``/tmp/dockpoint-<uid>``, is out of sight.
+    """
     import ctypes
 
-    clone_newns = 0x00020000
+    needed = {os.getcwd(), sys.prefix, sys.base_prefix, sys.executable, str(CHECKOUT)}
+    needed.update(p for p in sys.path if p)
+    needed.update(os.environ.get("PYTHONPATH", "").split(os.pathsep))
+    keep = sorted({p.split("/")[2] for p in needed if p.startswith("/tmp/") and len(p) > 5})
     libc = ctypes.CDLL(None, use_errno=True)
-    if libc.unshare(clone_newns) != 0:
+
+    def mount(source: str, target: str, kind: str | None, flags: int, data: str | None) -> None:
+        raw = [None if x is None else os.fsencode(x) for x in (source, target, kind, data)]
+        if libc.mount(raw[0], raw[1], raw[2], ctypes.c_ulong(flags), raw[3]) != 0:
+            err = ctypes.get_errno()
+            raise pytest.UsageError(f"mount {source} on {target}: {os.strerror(err)}")
+
+    ms_bind, ms_rec, ms_private = 0x1000, 0x4000, 0x40000
+    if libc.unshare(0x00020000) != 0:  # CLONE_NEWNS
         return False
-    tmpfs = ["mount", "-t", "tmpfs", "-o"]
-    mounts = [["mount", "--make-rprivate", "/"], [*tmpfs, "mode=1777", "dockpoint-test", "/tmp"]]
-    if os.path.isdir("/run/user"):
-        mounts.append([*tmpfs, "mode=0755", "dockpoint-test", "/run/user"])
-    for command in mounts:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=30, check=False)
-        if done.returncode != 0:
-            raise pytest.UsageError(f"{' '.join(command)} failed: {done.stderr.strip()}")
+    mount("none", "/", None, ms_rec | ms_private, None)
+    old_tmp = os.open("/tmp", os.O_RDONLY | os.O_DIRECTORY)  # this namespace's old /tmp
+    try:
+        mount("dockpoint-test", "/tmp", "tmpfs", 0, "mode=1777")
+        for name in keep:
+            source = f"/proc/self/fd/{old_tmp}/{name}"  # not a path: no canonicalizing
+            if os.path.isdir(source):
+                os.mkdir("/tmp/" + name)
+            else:
+                open("/tmp/" + name, "x").close()
+            mount(source, "/tmp/" + name, None, ms_bind | ms_rec, None)
+        if os.path.isdir("/run/user"):
+            mount("dockpoint-test", "/run/user", "tmpfs", 0, "mode=0755")
+    finally:
+        os.close(old_tmp)
+    os.chdir(os.getcwd())  # the same path, now resolved in this namespace
     xdg = os.environ.get("XDG_RUNTIME_DIR", "")
     if xdg.startswith("/run/user/") or xdg.startswith("/tmp/"):
         os.makedirs(xdg, mode=0o700, exist_ok=True)  # hidden by the fresh mount
