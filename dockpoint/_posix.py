@@ -484,6 +484,31 @@ def _flock_owner(st: os.stat_result) -> tuple[bool | None, int | None]:
     return False, None
 
 
+def _fd_holds(pid: int, st: os.stat_result) -> bool | None:
+    """Whether process ``pid`` has the file ``st`` open with an ``flock`` on it (Linux
+    ``/proc/<pid>/fdinfo``); ``None`` where that cannot be told. Compares the file through
+    the process's own descriptor, so it also holds where ``/proc/locks`` names another
+    device than ``stat`` does (overlayfs)."""
+    base = f"/proc/{pid}/fd"
+    try:
+        fds = os.listdir(base)
+    except FileNotFoundError:
+        return False if os.path.isdir("/proc/self/fd") else None  # gone, or no /proc
+    except OSError:
+        return None
+    for fd in fds:
+        try:
+            fst = os.stat(f"{base}/{fd}")
+            if (fst.st_dev, fst.st_ino) != (st.st_dev, st.st_ino):
+                continue
+            with open(f"/proc/{pid}/fdinfo/{fd}", encoding="ascii", errors="replace") as f:
+                if any(line.split()[2:3] == ["FLOCK"] for line in f if line.startswith("lock:")):
+                    return True
+        except OSError:
+            continue
+    return False
+
+
 def _pid_alive(pid: int) -> bool:
     """Whether process ``pid`` runs (a zombie does not: it holds no locks)."""
     try:
@@ -509,6 +534,8 @@ def _claim_holder(lock_path: str, uid: int) -> tuple[bool, int | None, str | Non
     st, pid, info = _lock_record(lock_path, uid)
     if st is None:
         return False, None, None
+    if pid is not None and _fd_holds(pid, st):
+        return True, pid, info
     held, owner = _flock_owner(st)
     if held is None:
         return pid is not None and _pid_alive(pid), pid, info
@@ -781,6 +808,9 @@ class _Backend:
             return False
         if st is None or recorded != pid:
             return False
+        by_fd = _fd_holds(pid, st)
+        if by_fd is not None:
+            return by_fd
         held, owner = _flock_owner(st)
         if held is None:
             return _pid_alive(pid)

@@ -801,26 +801,34 @@ def test_stop_a_holder_that_ignores_sigterm(env: dict[str, str], app: str) -> No
 def test_stop_never_signals_a_pid_that_does_not_hold_the_claim(
     env: dict[str, str], app: str
 ) -> None:
-    """A lock file naming a live process other than the one holding the lock (and no
-    socket to ask): nothing is sent to either."""
-    sleeper = [sys.executable, "-c", "import sys; sys.stdin.read()"]
-    bystander = subprocess.Popen(sleeper, stdin=subprocess.PIPE)
-    holder = subprocess.Popen(
-        [sys.executable, "-c", STUBBORN.replace("signal.SIG_IGN", "signal.SIG_DFL"), app],
-        env=env,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-    )
+    """A lock file naming a live process that has the lock file open but does not hold
+    the lock (and no socket to ask who serves): nothing is sent to it or to the holder."""
+    started: list[subprocess.Popen[bytes]] = []
     try:
+        holder = subprocess.Popen(
+            [sys.executable, "-c", STUBBORN.replace("signal.SIG_IGN", "signal.SIG_DFL"), app],
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        started.append(holder)
         assert holder.stdout is not None and holder.stdout.readline() == b"claimed\n"
         directory, lock_name, sock_name = endpoint_files(app)
+        opener = "import sys; f = open(sys.argv[1]); print('open', flush=True); sys.stdin.read()"
+        bystander = subprocess.Popen(
+            [sys.executable, "-c", opener, str(directory / lock_name)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        started.append(bystander)
+        assert bystander.stdout is not None and bystander.stdout.readline() == b"open\n"
         (directory / lock_name).write_bytes(b"%d\n" % bystander.pid)
         os.unlink(directory / sock_name)  # no peer to ask who serves
         result = cli(env, "stop", app, "--timeout", "1")
         assert result.returncode == 1, result
         assert bystander.poll() is None and holder.poll() is None
     finally:
-        for proc in (bystander, holder):
+        for proc in started:
             proc.kill()
             proc.wait(CLI_TIMEOUT)
             for stream in (proc.stdin, proc.stdout):
