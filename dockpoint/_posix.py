@@ -748,8 +748,9 @@ def _inspect(stem: str, timeout: float | None) -> tuple[str, str, int | None, st
                 pid,
                 info,
                 (
-                    f"nothing at {address} ({setting}), but a daemon of this user "
-                    f"(pid {pid}) answers at {other}: it was started with another "
+                    f"nothing at {address} ({setting}), but a daemon of this user"
+                    f"{'' if pid is None else f' (pid {pid})'} answers at {other}: it was "
+                    "started with another "
                     "XDG_RUNTIME_DIR; run daemon and clients with the same environment"
                 ),
             )
