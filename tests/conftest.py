@@ -49,6 +49,8 @@ ALLOWED_SKIP = re.compile(
 )
 SECURITY_FILES = ("test_posix.py", "test_probe.py")
 _SKIPPED: list[tuple[str, str]] = []
+#: The short basetemp this session made (removed when the session passes).
+_SHORT_BASE: str | None = None
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -61,7 +63,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config: pytest.Config) -> None:
-    global PRIVATE_TMP
+    global PRIVATE_TMP, _SHORT_BASE
     if os.environ.get("DOCKPOINT_TEST_INSTALLED") == "1":
         where = Path(dockpoint.__file__).resolve()
         if where.parent == CHECKOUT / "dockpoint":
@@ -80,7 +82,8 @@ def pytest_configure(config: pytest.Config) -> None:
     if not WINDOWS and not config.option.basetemp:
         # Short paths: macOS's default temporary directory alone is ~50 bytes, and a
         # socket path may have only 103.
-        config.option.basetemp = tempfile.mkdtemp(prefix="dp", dir="/tmp") + "/t"
+        _SHORT_BASE = tempfile.mkdtemp(prefix="dp", dir="/tmp")
+        config.option.basetemp = _SHORT_BASE + "/t"
 
 
 def _private_tmp() -> bool:
@@ -137,6 +140,8 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _SHORT_BASE is not None and exitstatus == 0:
+        shutil.rmtree(_SHORT_BASE, ignore_errors=True)
     bad = [(node, why) for node, why in _SKIPPED if not ALLOWED_SKIP.search(why)]
     if bad and os.environ.get("CI"):
         lines = "\n".join(f"  {node}: {why}" for node, why in bad)
