@@ -1,24 +1,23 @@
-"""``python -m dockpoint``: an echo daemon, a frontend that starts it on demand, and a
-status report that shows the state of any app's endpoint.
+"""``python -m dockpoint``: an echo daemon, a frontend that starts it on demand, a
+status report that shows the state of any app's endpoint, and a way to stop its holder.
 
 ``serve`` and ``send`` are the whole auto-spawning client-daemon pattern built only on
-the public API; ``status`` is what a user runs when their own daemon misbehaves.
+the public API; ``status`` (a printer of :func:`dockpoint.probe`) and ``stop`` (of
+:func:`dockpoint.stop`) are what a user runs when their own daemon misbehaves.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from time import monotonic
 
 import dockpoint
-from dockpoint._common import endpoint_stem
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # pragma: no cover - names for type hints only
-    import subprocess
-    from collections.abc import Sequence
+    import argparse
+    from collections.abc import Callable, Sequence
     from types import FrameType
     from typing import Any, TextIO
 
@@ -28,6 +27,7 @@ PROG = "python -m dockpoint"
 EXIT_OK = 0
 EXIT_NOBODY = 1
 EXIT_ERROR = 2
+EXIT_STUCK = 3
 
 #: Longest request line the echo daemon reads; a longer one is dropped unanswered.
 MAX_LINE = 65536
@@ -39,8 +39,11 @@ DEFAULT_SPAWN_IDLE = 600.0
 DEFAULT_SEND_TIMEOUT = 10.0
 #: Default for how long ``status`` waits for a claimed endpoint to accept its probe.
 DEFAULT_STATUS_TIMEOUT = 2.0
-#: ``send`` starts at most this many daemons itself (a lost race costs one).
-MAX_SPAWNS = 3
+#: ``send`` asks at most this many times when a daemon closes without answering (it was
+#: exiting, idle, just as we came).
+MAX_ATTEMPTS = 3
+#: Default for how long ``stop`` waits for the holder to release the claim.
+DEFAULT_STOP_TIMEOUT = 10.0
 
 PROTOCOL = (
     "protocol: a client sends one line (bytes ending in a newline); the daemon answers "
@@ -51,8 +54,9 @@ PROTOCOL = (
 EXIT_CODES = """\
 exit status:
   0  success (for status: a daemon answered)
-  1  no daemon answered
-  2  usage error, or a problem to fix first (a bad name, an unsafe directory, ...)"""
+  1  no daemon answered (for stop: nothing to stop)
+  2  usage error, or a problem to fix first (a bad name, an unsafe directory, ...)
+  3  stop: the holder did not let go within --timeout"""
 SERVE_EXIT = """\
 exit status:
   0  stopped (idle, or by a signal), or another process already serves APP
@@ -64,28 +68,30 @@ exit status:
   2  usage error, or a problem to fix first (a bad name, an unsafe directory, ...)"""
 STATUS_EXIT = """\
 exit status:
-  0  a daemon answered
-  1  nobody is there (or the holder does not accept connections)
-  2  a problem to fix first (a bad name, an unsafe directory, a file in the way)"""
+  0  a daemon answered (state: listening)
+  1  no daemon answered here (busy, absent, stale, missing-socket, elsewhere)
+  2  a problem to fix first (unsafe, foreign, blocked; a bad name;
+     XDG_RUNTIME_DIR missing, not a directory or unsafe)
 
-
-class _HelpFormatter(argparse.HelpFormatter):
-    """Wraps each paragraph of a description on its own; keeps indented blocks (examples,
-    tables) as written."""
-
-    def _fill_text(self, text: str, width: int, indent: str) -> str:
-        import textwrap
-
-        paragraphs = []
-        for paragraph in text.split("\n\n"):
-            if "\n " in paragraph:
-                paragraphs.append("\n".join(indent + line for line in paragraph.splitlines()))
-            else:
-                words = " ".join(paragraph.split())
-                paragraphs.append(
-                    textwrap.fill(words, width, initial_indent=indent, subsequent_indent=indent)
-                )
-        return "\n\n".join(paragraphs)
+states:
+  listening       a daemon of this user accepted a connection
+  busy            the holder is alive but did not accept within --timeout
+  absent          nobody holds the claim, nothing is left behind
+  stale           files left by a holder that is gone (the next claim replaces them)
+  missing-socket  the claim is held but the socket is gone or replaced: restart it
+  elsewhere       nothing here, but a daemon answers where XDG_RUNTIME_DIR set/unset
+                  would put it: run daemon and clients with the same environment
+  unsafe          a directory or file fails the checks (owner, mode, symlink)
+  foreign         another user serves the endpoint
+  blocked         something that is not a socket sits at the socket path"""
+STOP_EXIT = """\
+exit status:
+  0  the holder released the claim (it was sent SIGTERM, or on Windows ended,
+     and let go in time)
+  1  nobody holds the claim here (nothing was sent)
+  2  a problem to fix first (a bad name, an unsafe directory, another user's
+     endpoint)
+  3  the holder still holds the claim after --timeout"""
 
 
 class UserError(Exception):
@@ -123,12 +129,26 @@ def _describe(exc: BaseException) -> str:
 
 def _seconds(text: str) -> float:
     """argparse type: a number of seconds >= 0."""
+    value = _parse_seconds(text)
+    if value is None:
+        import argparse
+
+        try:
+            float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds >= 0: {text!r}")
+    return value
+
+
+def _parse_seconds(text: str) -> float | None:
+    """A finite number of seconds >= 0, or ``None``."""
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+        return None
     if not value >= 0.0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number of seconds >= 0: {text!r}")
+        return None
     return value
 
 
@@ -161,8 +181,7 @@ def serve(app: str, instance: str, idle: float | None) -> int:
         _stop_on_signals(dp)
         pid = os.getpid()
         prefix = b"%d " % pid
-        stem = endpoint_stem(app, instance)
-        _say(sys.stdout, f"dockpoint: serving {stem} at {dp.address} (pid {pid})")
+        _say(sys.stdout, f"dockpoint: serving {_stem(app, instance)} at {dp.address} (pid {pid})")
         while True:
             try:
                 conn = dp.accept(timeout=idle)
@@ -203,25 +222,22 @@ def _stop_on_signals(dp: dockpoint.Dockpoint) -> None:
 # --------------------------------------------------------------------------- send
 
 
-def spawn_daemon(app: str, instance: str, idle: float) -> subprocess.Popen[bytes]:
-    """Start ``serve`` for ``(app, instance)`` in the background, detached from this
-    process: its own session (process group on Windows), no console, standard streams on
-    the null device and no inherited descriptors, so a caller waiting for this frontend's
-    pipes to close is never kept waiting by the daemon."""
-    import subprocess
+#: What a daemon that ``send`` starts runs: ``serve`` without runpy and argparse (the
+#: frontend waits for the daemon's start-up). The arguments are ``serve APP INSTANCE IDLE``.
+DAEMON_CODE = "import sys;from dockpoint.__main__ import daemon;sys.exit(daemon(sys.argv[1:]))"
 
+
+def daemon_command(app: str, instance: str, idle: float) -> list[str]:
+    """The command line of the echo daemon that ``send`` starts for ``(app, instance)``."""
     if not sys.executable:
         raise UserError("cannot start a daemon: the Python executable is unknown")
-    command = [sys.executable, "-m", "dockpoint", "serve", app]
-    command += ["--instance", instance, "--idle", repr(idle)]
-    detach: dict[str, Any] = {"start_new_session": True}  # own session: no terminal, no HUP
-    if sys.platform == "win32":
-        flags = subprocess.DETACHED_PROCESS | subprocess.CREATE_NEW_PROCESS_GROUP
-        detach = {"creationflags": flags}
-    devnull = subprocess.DEVNULL
-    return subprocess.Popen(
-        command, stdin=devnull, stdout=devnull, stderr=devnull, close_fds=True, **detach
-    )
+    return [sys.executable, "-c", DAEMON_CODE, "serve", app, instance, repr(idle)]
+
+
+def daemon(args: Sequence[str]) -> int:
+    """Entry point of :func:`daemon_command`: ``serve APP INSTANCE IDLE``."""
+    _, app, instance, idle = args
+    return serve(app, instance, float(idle))
 
 
 def send(
@@ -235,255 +251,153 @@ def send(
     verbose: bool,
 ) -> int:
     """Send ``message`` to the daemon, starting one if nobody is there; print the reply."""
-    stem = endpoint_stem(app, instance)
+    stem = f"{app}@{instance}".lower()  # how messages name the endpoint
     deadline = monotonic() + timeout
-    child: subprocess.Popen[bytes] | None = None
-    spawned = 0
-    wait = 0.1  # the first slice of the bounded back-off after a spawn
-    try:
-        while True:
+    started: list[int] = []
+
+    def spawned(pid: int) -> None:
+        started.append(pid)
+        if verbose:
+            _log(f"no daemon answered for {stem}; started one (pid {pid})")
+
+    conn: dockpoint.DockpointConnection | None
+    for _attempt in range(MAX_ATTEMPTS):
+        left = max(0.0, deadline - monotonic())
+        if spawn:
+            try:
+                conn = dockpoint.connect_or_spawn(
+                    app,
+                    daemon_command(app, instance, idle),
+                    instance,
+                    timeout=left,
+                    on_spawn=spawned,
+                )
+            except TimeoutError:  # a daemon it started but that never adopted is stopped
+                return _give_up(stem, timeout, "no daemon answered", started)
+            except dockpoint.SpawnError as exc:
+                raise UserError(str(exc)) from None
+        else:
             conn = dockpoint.connect(app, instance)
-            if conn is None and spawn:
-                if child is not None and child.poll() not in (None, 0):
-                    raise UserError(
-                        f"the daemon started for {stem} exited with status {child.returncode}; "
-                        f"run '{PROG} serve {app} --instance {instance}' to see why"
-                    )
-                if (child is None or child.returncode is not None) and spawned < MAX_SPAWNS:
-                    child = spawn_daemon(app, instance, idle)
-                    spawned += 1
-                    if verbose:
-                        _log(f"no daemon answered for {stem}; started one (pid {child.pid})")
-                left = deadline - monotonic()
-                conn = dockpoint.connect(app, instance, timeout=max(0.0, min(wait, left)))
-                wait = min(wait * 2, 2.0)
-            if conn is not None:
-                with conn:
-                    if verbose:
-                        _log(f"connected to {stem} (daemon pid {conn.peer_pid})")
-                    try:
-                        conn.write(message + b"\n")
-                        reply = _read_line(conn, max(deadline, monotonic() + 0.5))
-                    except TimeoutError:
-                        return _give_up(stem, timeout, "the daemon did not answer")
-                    except OSError:  # the daemon went away while we talked to it
-                        reply = b""
-                if reply:
-                    out = getattr(sys.stdout, "buffer", None)
-                    if out is not None:
-                        out.write(reply if reply.endswith(b"\n") else reply + b"\n")
-                        out.flush()
-                    return EXIT_OK
-                if verbose:
-                    _log(f"the daemon for {stem} closed without answering; trying again")
-            elif not spawn:
+            if conn is None:
                 _log(f"no daemon is serving {stem} (not starting one: --no-spawn)")
                 return EXIT_NOBODY
-            if monotonic() >= deadline:
-                return _give_up(stem, timeout, "no daemon answered")
-    finally:
-        # Leave a daemon we started running: drop our handle without a ResourceWarning.
-        import warnings
+        with conn:
+            if verbose:
+                _log(f"connected to {stem} (daemon pid {conn.peer_pid})")
+            try:
+                conn.write(message + b"\n")
+                reply = _read_line(conn, max(deadline, monotonic() + 0.5))
+            except TimeoutError:
+                return _give_up(stem, timeout, "the daemon did not answer", started)
+            except OSError:  # the daemon went away while we talked to it
+                reply = b""
+        if reply:
+            out = getattr(sys.stdout, "buffer", None)
+            if out is not None:
+                out.write(reply if reply.endswith(b"\n") else reply + b"\n")
+                out.flush()
+            return EXIT_OK
+        if verbose:
+            _log(f"the daemon for {stem} closed without answering; trying again")
+        if monotonic() >= deadline:
+            break
+    return _give_up(stem, timeout, "no daemon answered", started)
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ResourceWarning)
-            child = None
 
-
-def _give_up(stem: str, timeout: float, why: str) -> int:
+def _give_up(stem: str, timeout: float, why: str, started: list[int]) -> int:
     _log(f"{why} for {stem} within {timeout:g} s")
+    for pid in started:  # it adopted the endpoint (else it was stopped): it stays
+        _log(f"the daemon started for {stem} (pid {pid}) keeps running; it serves later calls")
     return EXIT_NOBODY
 
 
-# --------------------------------------------------------------------------- status
+# --------------------------------------------------------------------------- status, stop
+
+#: ``status``'s exit status for each :attr:`dockpoint.Probe.state`.
+STATUS_CODES = {
+    "listening": EXIT_OK,
+    "busy": EXIT_NOBODY,
+    "absent": EXIT_NOBODY,
+    "stale": EXIT_NOBODY,
+    "missing-socket": EXIT_NOBODY,
+    "elsewhere": EXIT_NOBODY,
+    "unsafe": EXIT_ERROR,
+    "foreign": EXIT_ERROR,
+    "blocked": EXIT_ERROR,
+}
 
 
 def status(app: str, instance: str, timeout: float) -> int:
-    """Print where the endpoint lives and what state it is in; return the exit status."""
-    stem = endpoint_stem(app, instance)
-    address = dockpoint.address(app, instance)
-    report: list[tuple[str, str]] = [("endpoint", stem), ("address", address)]
-    claimed: bool | None = None
-    problem: str | None = None
-    if sys.platform != "win32":
-        claimed, problem = _inspect_files(address, stem, report)
-    code = EXIT_ERROR
-    if problem is None:
-        try:
-            # Wait for a holder that may be busy; make one quick attempt otherwise.
-            conn = dockpoint.connect(app, instance, timeout=timeout if claimed else None)
-        except OSError as exc:
-            problem = _describe(exc)
-        else:
-            if conn is None:
-                code = EXIT_NOBODY
-                if claimed:
-                    report.append(("daemon", f"not accepting connections within {timeout:g} s"))
-                else:
-                    report.append(("daemon", "none: nobody is there"))
-            else:
-                code = EXIT_OK
-                with conn:
-                    pid = conn.peer_pid
-                report.append(("daemon", "answering" + (f", pid {pid}" if pid else "")))
+    """Print what :func:`dockpoint.probe` found; return the exit status."""
+    found = dockpoint.probe(app, instance, timeout=timeout)
+    report = [("endpoint", _stem(app, instance)), ("state", found.state)]
+    report.append(("address", found.address))
+    if found.pid is not None:
+        report.append(("pid", str(found.pid)))
+    if found.info is not None:
+        report.append(("info", found.info))
+    report.append(("reason", found.reason))
     width = max(len(key) for key, _ in report)
     for key, value in report:
         _say(sys.stdout, f"{key.ljust(width)}  {value}")
-    if problem is not None:
-        _log(f"error: {problem}")
-        return EXIT_ERROR
+    code = STATUS_CODES[found.state]
+    if code == EXIT_ERROR:
+        _log(f"error: {found.reason}")
     return code
 
 
-if sys.platform != "win32":
+def stop(app: str, instance: str, timeout: float) -> int:
+    """Ask the holder of ``(app, instance)`` to exit; say what happened."""
+    stem = _stem(app, instance)
+    try:
+        pid = dockpoint.stop(app, instance, timeout=timeout)
+    except TimeoutError as exc:
+        _log(f"error: {exc}")
+        return EXIT_STUCK
+    if pid is None:
+        found = dockpoint.probe(app, instance, timeout=0)
+        _say(sys.stdout, f"dockpoint: nothing to stop for {stem} ({found.state}): {found.reason}")
+        return EXIT_NOBODY
+    _say(sys.stdout, f"dockpoint: stopped {stem} (pid {pid} released the claim and exited)")
+    return EXIT_OK
 
-    def _inspect_files(
-        address: str, stem: str, report: list[tuple[str, str]]
-    ) -> tuple[bool | None, str | None]:
-        """Describe the endpoint directory, lock file and socket file into ``report``.
 
-        Never takes the lock (that would make a concurrent claim fail). Returns whether
-        the claim is held and a problem that prevents an answer.
-        """
-        import stat
-
-        directory, _, sock_name = address.rpartition("/")
-        try:
-            st = os.lstat(directory)
-        except FileNotFoundError:
-            report.append(("directory", f"{directory} (does not exist yet)"))
-            report.append(("claim", "free (no daemon has run here)"))
-            return False, None
-        uid = os.geteuid()
-        why = None
-        if stat.S_ISLNK(st.st_mode):
-            why = "it is a symbolic link"
-        elif not stat.S_ISDIR(st.st_mode):
-            why = "it is not a directory"
-        elif st.st_uid != uid:
-            why = f"it is owned by uid {st.st_uid}, not by uid {uid}"
-        elif st.st_mode & 0o077:
-            why = f"its mode {st.st_mode & 0o7777:04o} lets group or others in (must be 0700)"
-        if why is not None:
-            report.append(("directory", f"{directory} (UNSAFE: {why})"))
-            return None, f"unsafe directory for dockpoint: {why}: {directory!r}"
-        report.append(("directory", f"{directory} (safe: yours, mode 0700)"))
-
-        lock_path = f"{directory}/{stem}.lock"
-        pid, held, problem = _read_lock(lock_path)
-        if problem is not None:
-            report.append(("lock file", f"{lock_path} (NOT A REGULAR FILE OF YOURS)"))
-            return None, problem
-        alive = pid is not None and _pid_alive(pid)
-        if held is None:  # no /proc/locks here: the recorded pid is the best evidence
-            held = alive
-        if held:
-            text = f"held by pid {pid}" if pid is not None else "held (holder pid not recorded)"
-        elif pid is not None and not alive:
-            text = f"free; the lock file names pid {pid}, which is gone (did not exit cleanly)"
-        elif pid is not None:
-            text = f"free; the lock file names pid {pid}, which runs but does not hold it"
-        else:
-            text = "free"
-        report.append(("claim", text))
-        report.append(("lock file", lock_path if os.path.lexists(lock_path) else "none"))
-
-        try:
-            sst = os.lstat(address)
-        except FileNotFoundError:
-            report.append(("socket", "none"))
-        else:
-            if not stat.S_ISSOCK(sst.st_mode):
-                report.append(("socket", "NOT A SOCKET: remove it"))
-                problem = (
-                    f"something that is not a socket sits at the endpoint path; no daemon "
-                    f"can claim {stem} until it is removed: {address!r}"
-                )
-            elif held:
-                report.append(("socket", "present"))
-            else:
-                report.append(
-                    (
-                        "socket",
-                        "stale: left by a daemon that did not exit cleanly "
-                        "(the next claim replaces it)",
-                    )
-                )
-        leftover = f"{directory}/{sock_name[: -len('.sock')]}.new"
-        if not held and os.path.lexists(leftover):
-            report.append(
-                (
-                    "leftover",
-                    f"{leftover}: stale, left by a daemon that died while claiming "
-                    "(the next claim removes it)",
-                )
-            )
-        return held, problem
-
-    def _read_lock(path: str) -> tuple[int | None, bool | None, str | None]:
-        """The pid recorded in the lock file; whether the file is ``flock``-ed (from
-        ``/proc/locks`` on Linux, ``None`` where that cannot be told); a problem."""
-        import stat
-
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return None, False, None
-        except OSError as exc:  # a symlink (ELOOP), no permission, ...
-            return None, None, f"cannot read the lock file: {_describe(exc)}"
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
-                return None, None, f"the lock file is not a regular file of this user: {path!r}"
-            raw = os.read(fd, 64)
-        finally:
-            os.close(fd)
-        text = raw.decode("ascii", "replace").strip()
-        pid = int(text) if text.isdigit() and 0 < int(text) < 1 << 31 else None
-        return pid, _flocked(st), None
-
-    def _flocked(st: os.stat_result) -> bool | None:
-        """Whether a ``flock`` lock is held on the file ``st`` (Linux ``/proc/locks``)."""
-        try:
-            with open("/proc/locks", encoding="ascii", errors="replace") as f:
-                lines = f.read().splitlines()
-        except OSError:
-            return None
-        wanted = (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
-        for line in lines:
-            # "1: FLOCK  ADVISORY  WRITE 1234 00:2a:5678 0 EOF"; waiters have "->".
-            fields = line.split()
-            if len(fields) < 6 or fields[1] != "FLOCK":
-                continue
-            try:
-                major, minor, ino = fields[5].split(":")
-                if (int(major, 16), int(minor, 16), int(ino)) == wanted:
-                    return True
-            except ValueError:
-                continue
-        return False
-
-    def _pid_alive(pid: int) -> bool:
-        """Whether process ``pid`` is running (a zombie is not: it holds no locks)."""
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:  # exists, owned by someone else
-            pass
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                state = f.read().rpartition(b")")[2].split()[:1]
-        except OSError:  # no /proc (macOS, BSD), or it just ended
-            return True
-        return state not in ([b"Z"], [b"X"])
+def _stem(app: str, instance: str) -> str:
+    return f"{app}@{instance}".lower()
 
 
 # --------------------------------------------------------------------------- command line
 
 
+def _help_formatter() -> type[argparse.HelpFormatter]:
+    import argparse
+
+    class _HelpFormatter(argparse.HelpFormatter):
+        """Wraps each paragraph of a description on its own; keeps indented blocks (examples,
+        tables) as written."""
+
+        def _fill_text(self, text: str, width: int, indent: str) -> str:
+            import textwrap
+
+            paragraphs = []
+            for paragraph in text.split("\n\n"):
+                if "\n " in paragraph:
+                    paragraphs.append("\n".join(indent + line for line in paragraph.splitlines()))
+                else:
+                    words = " ".join(paragraph.split())
+                    paragraphs.append(
+                        textwrap.fill(words, width, initial_indent=indent, subsequent_indent=indent)
+                    )
+            return "\n\n".join(paragraphs)
+
+    return _HelpFormatter
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m dockpoint`` argument parser."""
+    import argparse
+
+    formatter = _help_formatter()
     parser = argparse.ArgumentParser(
         prog=PROG,
         description=(
@@ -494,9 +408,10 @@ def build_parser() -> argparse.ArgumentParser:
             "examples:\n"
             f"  {PROG} send demo hello    # the first call starts a daemon\n"
             f"  {PROG} send demo again    # later calls reuse it\n"
-            f"  {PROG} status demo        # where it lives, who holds it\n\n" + EXIT_CODES
+            f"  {PROG} status demo        # where it lives, who holds it\n"
+            f"  {PROG} stop demo          # ask the daemon to exit\n\n" + EXIT_CODES
         ),
-        formatter_class=_HelpFormatter,
+        formatter_class=formatter,
     )
     parser.add_argument("--version", action="version", version=f"dockpoint {dockpoint.__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
@@ -508,7 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
             help=summary,
             description=description,
             epilog=epilog,
-            formatter_class=_HelpFormatter,
+            formatter_class=formatter,
         )
         sub.add_argument("app", metavar="APP", help="the app name (letters, digits, _ . -)")
         sub.add_argument(
@@ -541,10 +456,13 @@ def build_parser() -> argparse.ArgumentParser:
     send_cmd = command(
         "send",
         "send MESSAGE to APP's daemon, starting the daemon if nobody is there",
-        "Connect to APP's daemon and print its reply. When nobody is there, start "
-        f"'{PROG} serve APP' in the background, detached from this terminal, and retry "
-        "with a growing pause until it answers or --timeout runs out. Any number of "
-        "concurrent 'send's end up talking to one daemon.\n\n" + PROTOCOL,
+        "Connect to APP's daemon and print its reply. When nobody is there, claim APP's "
+        f"endpoint, start the echo daemon ('{PROG} serve APP') detached from this "
+        "terminal with the endpoint handed over to it, and talk to it "
+        "(dockpoint.connect_or_spawn). Any number of concurrent 'send's start one daemon "
+        "and all talk to it. A daemon that fails at start is reported with its exit "
+        "status and error output; one that has not started when --timeout runs out is "
+        "stopped.\n\n" + PROTOCOL,
         SEND_EXIT,
     )
     send_cmd.add_argument("message", metavar="MESSAGE", help="one line of text to send")
@@ -579,10 +497,10 @@ def build_parser() -> argparse.ArgumentParser:
     status_cmd = command(
         "status",
         "show where APP's endpoint lives and whether a daemon answers",
-        "Show the endpoint's address, whether its directory is safe, whether the claim "
-        "is held and by which pid, whether a daemon accepts connections, and any files "
-        "left over by a daemon that died. Never takes the claim. The check connects "
-        "once and closes without sending anything.",
+        "Print what dockpoint.probe() finds: the endpoint's state, its address, the "
+        "holder's pid and info when known, and one sentence on what to do. Never takes "
+        "the claim and creates nothing. The check connects once and closes without "
+        "sending anything.",
         STATUS_EXIT,
     )
     status_cmd.add_argument(
@@ -592,16 +510,89 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="how long a claimed endpoint may take to accept the check (default: %(default)g)",
     )
+
+    stop_cmd = command(
+        "stop",
+        "ask the process holding APP's endpoint to exit, and wait until it has",
+        "Built on dockpoint.stop(): checks that the pid recorded in the lock file still "
+        "holds the claim, sends it SIGTERM, and waits up to --timeout for the claim to "
+        "be released. Any daemon that closes its endpoint on SIGTERM (as 'serve' does), "
+        "or dies of it, stops this way. On Windows the pipe server's process is ended "
+        "(TerminateProcess).",
+        STOP_EXIT,
+    )
+    stop_cmd.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=DEFAULT_STOP_TIMEOUT,
+        metavar="SECONDS",
+        help="how long to wait for the holder to let go (default: %(default)g)",
+    )
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _reporting(command: Callable[[], int]) -> int:
+    """Run ``command``; report a problem to fix on stderr in one line, not a traceback."""
+    try:
+        return command()
+    except KeyboardInterrupt:
+        return 130
+    except (UserError, OSError, ValueError) as exc:
+        _log(f"error: {_describe(exc)}")
+        return EXIT_ERROR
+
+
+def _quick_send(argv: Sequence[str]) -> dict[str, Any] | None:
+    """The arguments of a well-formed ``send`` command line, parsed without argparse (a
+    frontend pays for every import); ``None`` for anything else, which argparse parses
+    (and reports errors in) as usual."""
+    if not argv or argv[0] != "send":
+        return None
+    args: dict[str, Any] = {
+        "instance": "default",
+        "timeout": DEFAULT_SEND_TIMEOUT,
+        "idle": DEFAULT_SPAWN_IDLE,
+        "spawn": True,
+        "verbose": False,
+    }
+    positional = []
+    rest = iter(argv[1:])
+    for arg in rest:
+        if arg in ("-v", "--verbose"):
+            args["verbose"] = True
+        elif arg == "--no-spawn":
+            args["spawn"] = False
+        elif arg in ("-i", "--instance"):
+            args["instance"] = next(rest, None)
+        elif arg in ("--timeout", "--idle"):
+            args[arg[2:]] = _parse_seconds(next(rest, "-"))
+        elif arg[:1] == "-":
+            return None
+        else:
+            positional.append(arg)
+    if len(positional) != 2 or None in args.values():
+        return None
+    args["app"], text = positional
+    try:
+        dockpoint.address(args["app"], args["instance"])  # checks the names
+    except (TypeError, ValueError):
+        return None
+    args["message"] = os.fsencode(text)
+    if b"\n" in args["message"] or b"\r" in args["message"]:
+        return None
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0911 - one per command
     """Run ``python -m dockpoint`` with ``argv`` (default: the command line)."""
+    quick = _quick_send(sys.argv[1:] if argv is None else argv)
+    if quick is not None:
+        return _reporting(lambda: send(**quick))
     parser = build_parser()
     args = parser.parse_args(argv)
     sub: argparse.ArgumentParser = args.parser
     try:
-        endpoint_stem(args.app, args.instance)
+        dockpoint.address(args.app, args.instance)  # checks the names
     except (TypeError, ValueError) as exc:
         sub.error(str(exc))
     try:
@@ -620,6 +611,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 idle=args.idle,
                 verbose=args.verbose,
             )
+        if args.command == "stop":
+            return stop(args.app, args.instance, args.timeout)
         return status(args.app, args.instance, args.timeout)
     except KeyboardInterrupt:
         return 130
@@ -631,4 +624,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    _code = main()
+    if sys.flags.dev_mode:  # let -X dev see what a normal exit reports
+        sys.exit(_code)
+    # Nothing is left to clean up (the daemon, if one was started, is detached): skip the
+    # interpreter's teardown once the output is out.
+    for _stream in (sys.stdout, sys.stderr):
+        try:
+            if _stream is not None:
+                _stream.flush()
+        except (OSError, ValueError):
+            _code = _code or EXIT_ERROR
+    os._exit(_code)

@@ -14,6 +14,7 @@ from _weakref import ReferenceType, ref
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # pragma: no cover - names for type hints only, never imported at run time
+    from collections.abc import Callable, Mapping, Sequence
     from types import TracebackType
     from typing import Protocol
 
@@ -35,24 +36,40 @@ if TYPE_CHECKING:  # pragma: no cover - names for type hints only, never importe
         def wake(self) -> None: ...
         def close(self) -> None: ...
         def forget(self) -> None: ...
+        def handles(self) -> tuple[int, int]:
+            """The listening socket's and the lock's descriptors (POSIX) or handles
+            (Windows), to be inherited by a daemon that adopts the endpoint."""
 
     class Backend(Protocol):
         """What a backend module provides."""
 
         def locate(self, stem: str) -> str: ...
         def listen(self, stem: str) -> tuple[Listener, str] | None: ...
+        def adopt(self, stem: str) -> tuple[Listener, str] | None:
+            """The endpoint handed over by the spawning process (``connect_or_spawn``),
+            verified; ``None`` when none is handed over for ``stem``."""
+
         def dial(self, stem: str, timeout: float | None) -> Channel | None:
             """One attempt: ``None`` when nobody is there; ``BlockingIOError`` when the
             holder is alive but cannot take the connection yet."""
+
+        # Optional (a backend without them gets the portable fallbacks of Api.probe/stop):
+        # inspect(stem, timeout) -> (state, address, pid, info, reason), read-only;
+        # holds(stem, pid) -> whether process pid holds the claim now, read-only;
+        # ask_to_exit(pid) -> ask process pid to release the claim and exit (SIGTERM);
+        # without them, stop() asks dial() for the server's pid and uses os.kill.
 
 
 __all__ = [
     "MAX_NAME_LENGTH",
     "NAME_CHARACTERS",
+    "PROBE_STATES",
     "Api",
     "Dockpoint",
     "DockpointClosedError",
     "DockpointConnection",
+    "Probe",
+    "SpawnError",
     "check_timeout",
     "endpoint_stem",
     "pipe_name",
@@ -79,6 +96,28 @@ class DockpointClosedError(OSError):
 
     A subclass of :class:`OSError` whose ``errno`` is ``EBADF``, the same on every platform.
     """
+
+
+class SpawnError(ChildProcessError):
+    """The daemon that :func:`dockpoint.connect_or_spawn` started ended, or gave up the
+    endpoint it was handed, before it adopted it (a bad command, an import error, an early
+    exit).
+
+    :attr:`returncode` is its exit status (negative: the signal that ended it; ``None``
+    if it still runs), :attr:`stderr` the tail of what it wrote to its standard error
+    before adopting, :attr:`pid` its process id. The message holds all three.
+    """
+
+    def __init__(self, message: str, pid: int, returncode: int | None, stderr: str) -> None:
+        import errno
+
+        super().__init__(errno.ECHILD, message)
+        self.pid = pid
+        self.returncode = returncode
+        self.stderr = stderr
+
+    def __str__(self) -> str:
+        return str(self.strerror)  # the message, without "[Errno 10]"
 
 
 def _closed(what: str) -> DockpointClosedError:
@@ -172,6 +211,75 @@ def socket_filename(directory: str, stem: str, limit: int) -> str:
 def pipe_name(user_sid: str, stem: str) -> str:
     """The Windows named pipe for ``stem``, scoped to the user ``user_sid``."""
     return f"\\\\.\\pipe\\dockpoint-{user_sid}-{stem}"
+
+
+# --------------------------------------------------------------------------- probe
+
+#: Every value of :attr:`Probe.state`.
+PROBE_STATES = (
+    "listening",
+    "busy",
+    "absent",
+    "stale",
+    "missing-socket",
+    "elsewhere",
+    "unsafe",
+    "foreign",
+    "blocked",
+)
+#: Default ``timeout`` of :func:`dockpoint.probe`.
+PROBE_TIMEOUT = 2.0
+#: Default ``timeout`` of :func:`dockpoint.stop`.
+STOP_TIMEOUT = 10.0
+
+
+class Probe:
+    """What :func:`dockpoint.probe` found at an endpoint.
+
+    ``state`` is one of :data:`PROBE_STATES`:
+
+    - ``"listening"``: a daemon of this user accepted a connection.
+    - ``"busy"``: the holder is alive but did not accept within the timeout.
+    - ``"absent"``: nobody holds the claim and nothing is left behind.
+    - ``"stale"``: files left by a holder that is gone (the next claim replaces them).
+    - ``"missing-socket"``: the claim is held but the socket is gone or replaced.
+    - ``"elsewhere"``: nothing here, but a daemon of this user answers at the other
+      location it could have used (``XDG_RUNTIME_DIR`` set vs unset); ``address`` is that.
+    - ``"unsafe"``: a directory or file fails dockpoint's checks (or
+      ``XDG_RUNTIME_DIR`` names a missing directory).
+    - ``"foreign"``: the endpoint is served by another user.
+    - ``"blocked"``: something that is not a socket is in the way.
+    """
+
+    __slots__ = ("address", "info", "pid", "reason", "state")
+
+    def __init__(
+        self, state: str, address: str, pid: int | None, info: str | None, reason: str
+    ) -> None:
+        #: One of :data:`PROBE_STATES`.
+        self.state = state
+        #: The endpoint's address (for ``"elsewhere"``: where the daemon was found).
+        self.address = address
+        #: The holder's process id, when known.
+        self.pid = pid
+        #: The text the holder gave ``claim(info=...)``, when it gave one.
+        self.info = info
+        #: One sentence saying what was found and what to do about it.
+        self.reason = reason
+
+    def __repr__(self) -> str:
+        return (
+            f"Probe(state={self.state!r}, address={self.address!r}, pid={self.pid!r}, "
+            f"info={self.info!r})"
+        )
+
+
+def _terminate(pid: int) -> None:
+    """End process ``pid`` (for backends without ``ask_to_exit``; on Windows
+    ``os.kill`` is ``TerminateProcess``, and the endpoint dies with the process)."""
+    import signal
+
+    os.kill(pid, signal.SIGTERM)
 
 
 # --------------------------------------------------------------------------- classes
@@ -439,8 +547,16 @@ class Api:
         :raises PermissionError: the endpoint directory is unsafe (owned by another user,
             a symlink, or open to group/others); the message names it.
         :raises FileExistsError: something that is not a socket sits at the endpoint path.
+
+        A daemon started by :func:`dockpoint.connect_or_spawn` adopts the endpoint that
+        the frontend claimed and handed over to it (after checking that it is this
+        endpoint and that this process holds its lock) instead of claiming anew.
         """
-        got = self._backend.listen(endpoint_stem(app_name, instance))
+        stem = endpoint_stem(app_name, instance)
+        backend = self._backend
+        got = backend.adopt(stem)
+        if got is None:
+            got = backend.listen(stem)
         if got is None:
             return None
         return Dockpoint(*got)
@@ -488,6 +604,170 @@ class Api:
                 return None
             time.sleep(min(pause, left))
             pause = min(pause * 2, 0.05)
+
+    def connect_or_spawn(
+        self,
+        app_name: str,
+        argv: Sequence[str | os.PathLike[str]],
+        instance: str = "default",
+        *,
+        timeout: float | None = 10.0,
+        log: str | os.PathLike[str] | None = None,
+        env: Mapping[str, str] | None = None,
+        on_spawn: Callable[[int], object] | None = None,
+    ) -> DockpointConnection:
+        """Connect to the daemon for ``(app_name, instance)``, starting it if nobody is there.
+
+        When nobody is there this call claims the endpoint itself, starts ``argv``
+        detached (its own session, standard input on the null device, no inherited
+        descriptors but the endpoint's) with the claimed endpoint handed over to it, and
+        connects at once: the connection waits in the endpoint's queue until the daemon,
+        whose :func:`dockpoint.claim` adopts the endpoint, accepts it. Of any number of
+        frontends racing, exactly one starts a daemon; the others connect to the endpoint
+        it holds. Returns once the daemon has adopted the endpoint.
+
+        :param argv: the daemon's command line, e.g. ``[sys.executable, "daemon.py"]``; the
+            daemon must call :func:`dockpoint.claim` for the same ``app_name`` and
+            ``instance``.
+        :param timeout: seconds to wait at most for a connection (``None``: for ever).
+        :param log: a file the daemon's standard output and error are appended to
+            (created ``0600``); by default they go to the null device once the daemon has
+            adopted the endpoint (its earlier error output is kept for :class:`SpawnError`).
+        :param env: the daemon's environment (default: this process's).
+        :param on_spawn: called with the daemon's process id right after it starts.
+        :returns: the connection to the daemon.
+        :raises SpawnError: the daemon ended (or let go of the endpoint) before adopting
+            it; the message gives its exit status and the tail of its error output.
+        :raises TimeoutError: no connection within ``timeout``; a daemon this call started
+            that had not adopted the endpoint by then is killed.
+        :raises TypeError: a name is not a ``str``, or ``argv`` is not a sequence of
+            strings or paths.
+        :raises ValueError: a name breaks the naming rules, or ``argv`` is empty.
+        :raises OSError: the daemon could not be started (e.g. ``FileNotFoundError`` for a
+            missing program), or the reasons :func:`claim` and :func:`connect` give.
+        """
+        stem = endpoint_stem(app_name, instance)
+        timeout = check_timeout(timeout)
+        if isinstance(argv, (str, bytes)) or not all(
+            isinstance(arg, (str, os.PathLike)) for arg in argv
+        ):
+            raise TypeError(
+                "argv must be a sequence of str or path arguments, "
+                "e.g. [sys.executable, 'daemon.py']"
+            )
+        if not argv:
+            raise ValueError("argv must name the daemon's program: it is empty")
+        conn = self.connect(app_name, instance)
+        if conn is not None:
+            return conn
+        from ._spawn import Request, connect_or_spawn
+
+        names = (app_name, instance, stem)
+        request = Request(self, names, list(argv), timeout, log=log, env=env, on_spawn=on_spawn)
+        return connect_or_spawn(request)
+
+    def probe(
+        self, app_name: str, instance: str = "default", *, timeout: float | None = PROBE_TIMEOUT
+    ) -> Probe:
+        """Tell what is at the endpoint for ``(app_name, instance)``, and why.
+
+        Read-only: creates nothing and never takes the claim, so a concurrent
+        :func:`claim` is unaffected. A connection attempt, if made, is closed at once
+        without a byte sent.
+
+        :param timeout: how long a holder may take to accept the check; ``None`` waits
+            for ever.
+        :returns: a :class:`Probe`; its ``reason`` is one sentence a user can act on.
+        :raises TypeError: a name is not a ``str``, or ``timeout`` is not a number.
+        :raises ValueError: a name breaks the naming rules, or ``timeout`` is negative.
+        """
+        stem = endpoint_stem(app_name, instance)
+        timeout = check_timeout(timeout)
+        inspect = getattr(self._backend, "inspect", None)
+        if inspect is not None:
+            return Probe(*inspect(stem, timeout))
+        address = self._backend.locate(stem)
+        try:  # what a connect can tell
+            channel = self._backend.dial(stem, timeout)
+        except PermissionError as exc:
+            return Probe("foreign", address, None, None, f"{exc.strerror}: do not send it anything")
+        except BlockingIOError:
+            return Probe(
+                "busy", address, None, None, "the holder did not accept within the timeout"
+            )
+        if channel is None:
+            return Probe("absent", address, None, None, "nobody is serving: start the daemon")
+        pid = channel.peer_pid
+        channel.close()
+        return Probe("listening", address, pid, None, "a daemon of this user answered")
+
+    def stop(
+        self, app_name: str, instance: str = "default", *, timeout: float = STOP_TIMEOUT
+    ) -> int | None:
+        """Ask the process holding ``(app_name, instance)`` to exit, and wait until it
+        has released the claim.
+
+        On POSIX the holder gets ``SIGTERM``, only after checking that the pid it recorded
+        in its lock file still holds the claim. A daemon that closes its
+        :class:`Dockpoint` on ``SIGTERM`` (or dies of it) releases the endpoint.
+
+        :param timeout: seconds to wait for the release.
+        :returns: the pid that was stopped, or ``None`` if nobody held the claim here
+            (see :func:`probe` for the details, e.g. a daemon found ``"elsewhere"``).
+        :raises TimeoutError: the holder still holds the claim after ``timeout``.
+        :raises PermissionError: the endpoint is another user's or its directory unsafe.
+
+        On Windows the holder is the server process of the pipe a connection reaches
+        (its pid from ``GetNamedPipeServerProcessId``); it is ended with
+        ``TerminateProcess`` (``os.kill``), which gives it no chance to clean up, and the
+        pipe dies with it.
+        """
+        import errno
+
+        stem = endpoint_stem(app_name, instance)
+        if timeout is None:
+            raise TypeError("timeout must be a number of seconds, not None")
+        wait = check_timeout(timeout)
+        assert wait is not None
+        backend = self._backend
+        holds = getattr(backend, "holds", None) or self._serves
+        ask = getattr(backend, "ask_to_exit", None) or _terminate
+        found = self.probe(app_name, instance, timeout=min(wait, PROBE_TIMEOUT))
+        if found.state in ("unsafe", "foreign"):
+            raise PermissionError(errno.EACCES, found.reason, found.address)
+        pid = found.pid
+        if found.state not in ("listening", "busy", "missing-socket") or pid is None:
+            return None
+        if not holds(stem, pid):
+            return None  # it let go on its own in the meantime
+        try:
+            ask(pid)
+        except ProcessLookupError:
+            return pid
+        deadline = time.monotonic() + wait
+        pause = 0.001
+        while holds(stem, pid):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(
+                    f"pid {pid} still holds {stem} {wait:g} s after it was asked to exit"
+                )
+            time.sleep(min(pause, left))
+            pause = min(pause * 2, 0.05)
+        return pid
+
+    def _serves(self, stem: str, pid: int) -> bool:
+        """Whether process ``pid`` serves ``stem`` (for backends without ``holds``: the
+        server of the endpoint a connection reaches is its holder)."""
+        try:
+            channel = self._backend.dial(stem, PROBE_TIMEOUT)
+        except BlockingIOError:
+            return True  # busy: still there
+        if channel is None:
+            return False
+        served = channel.peer_pid == pid
+        channel.close()
+        return served
 
     def address(self, app_name: str, instance: str = "default") -> str:
         """Where the endpoint for ``(app_name, instance)`` lives, claimed or not.

@@ -984,9 +984,18 @@ if sys.platform == "win32":
 
         forget = close  # only reached after os.fork(), which Windows does not have
 
+        def handles(self) -> tuple[int, int]:
+            # Hand-over of a claimed pipe to a spawned daemon is not implemented on Windows
+            # yet; connect_or_spawn starts the daemon without one there.
+            raise NotImplementedError("hand-over of a claimed pipe is not implemented on Windows")
+
     # ----------------------------------------------------------------------- backend
 
     class _Backend:
+        @staticmethod
+        def adopt(stem: str) -> tuple[_Listener, str] | None:
+            return None  # no hand-over on Windows yet: claim() always claims anew
+
         @staticmethod
         def locate(stem: str) -> str:
             return _pipe_path(_user_sid(), stem)
