@@ -249,6 +249,10 @@ class Probe:
       ``XDG_RUNTIME_DIR`` names a missing directory).
     - ``"foreign"``: the endpoint is served by another user.
     - ``"blocked"``: something that is not a socket is in the way.
+
+    On Windows ``"elsewhere"`` and ``"blocked"`` cannot occur (a pipe name does not depend
+    on the environment, and only a pipe can be at it); ``"missing-socket"`` means the lock
+    is held but no pipe instance exists (a daemon starting, or one that could not make one).
     """
 
     __slots__ = ("address", "info", "pid", "reason", "state")

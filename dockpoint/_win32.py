@@ -138,6 +138,8 @@ if sys.platform == "win32":
     UnlockFileEx: _Bool = _declare(
         _k, "UnlockFileEx", BOOL, HANDLE, DWORD, DWORD, DWORD, LPOVERLAPPED)
     SetEndOfFile: _Bool = _declare(_k, "SetEndOfFile", BOOL, HANDLE)
+    SetFilePointerEx: _Bool = _declare(
+        _k, "SetFilePointerEx", BOOL, HANDLE, ctypes.c_longlong, c_void_p, DWORD)
     WaitNamedPipeW: _Bool = _declare(_k, "WaitNamedPipeW", BOOL, LPCWSTR, DWORD)
     ReadFile: _Bool = _declare(
         _k, "ReadFile", BOOL, HANDLE, LPVOID, DWORD, LPDWORD, LPOVERLAPPED)

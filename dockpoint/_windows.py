@@ -217,6 +217,16 @@ def _lock_text(pid: int, info: str | None) -> bytes:
     return text.encode("utf-8")
 
 
+def _lock_record(data: bytes) -> tuple[int | None, str | None]:
+    """The holder's pid (line 1) and ``info`` (line 2) in a lock file's content; ``None``
+    for what is not there (an empty file, a file with only the pid) or unreadable."""
+    lines = data.decode("utf-8", "replace").split("\n")
+    first = lines[0].strip()
+    pid = int(first) if first.isascii() and first.isdigit() else None
+    info = lines[1].rstrip("\r") if len(lines) > 1 and lines[1].rstrip("\r") else None
+    return pid, info
+
+
 def _sddl_part(sddl: str, key: str) -> str | None:
     """The text after ``key:`` (``"O"``, ``"D"``, ``"S"``) up to the next part, or ``None``."""
     depth, i, found = 0, 0, None
@@ -373,6 +383,7 @@ if sys.platform == "win32":
         ReadFile,
         SetEndOfFile,
         SetEvent,
+        SetFilePointerEx,
         UnlockFileEx,
         WaitForMultipleObjects,
         WaitNamedPipeW,
@@ -573,6 +584,17 @@ if sys.platform == "win32":
                     raise _error(code, directory)
         finally:
             LocalFree(descriptor)
+        reason = _directory_problem(user, directory)
+        if reason is not None:
+            raise PermissionError(
+                errno.EACCES, f"unsafe lock directory: {reason}; remove it or fix it", directory
+            )
+
+    def _directory_problem(user: str, directory: str) -> str | None:
+        """Why the existing lock directory fails the checks, or ``None``; read-only.
+
+        :raises FileNotFoundError: there is no lock directory.
+        """
         found = GetFileAttributesW(directory)
         if found == INVALID_FILE_ATTRIBUTES:
             raise _error(None, directory)
@@ -584,10 +606,7 @@ if sys.platform == "win32":
         else:
             sddl = _owned_sddl(directory)
             reason = "its security cannot be read" if sddl is None else _unsafe(sddl, user)
-        if reason is not None:
-            raise PermissionError(
-                errno.EACCES, f"unsafe lock directory: {reason}; remove it or fix it", directory
-            )
+        return reason
 
     def _range(lock_range: tuple[int, int]) -> OVERLAPPED:
         ov = OVERLAPPED()
@@ -639,6 +658,11 @@ if sys.platform == "win32":
             raise OSError(errno.EIO, "short write to the lock file", path)
         _check(SetEndOfFile(handle), path)
 
+    def _empty_lock(handle: int) -> None:
+        """Empty the lock file (no holder pid for probe) while the claim is still held."""
+        if SetFilePointerEx(handle, 0, None, 0):  # FILE_BEGIN
+            SetEndOfFile(handle)  # best effort: a failure leaves a pid probe calls stale
+
     def _release_lock(handle: int) -> None:
         _unlock(handle, _ALIVE_RANGE)
         _unlock(handle, _CLAIM_RANGE)
@@ -666,6 +690,107 @@ if sys.platform == "win32":
             return True if code == ERROR_LOCK_VIOLATION else None
         finally:
             CloseHandle(handle)
+
+    def _read_lock(path: str) -> bytes | None:
+        """The lock file's text (its first 4 KiB), or ``None`` if there is no lock file."""
+        handle = CreateFileW(
+            path, GENERIC_READ, _SHARE_ALL, None, OPEN_EXISTING, FILE_FLAG_OPEN_REPARSE_POINT,
+            None,
+        )  # fmt: skip
+        if handle == INVALID_HANDLE_VALUE or not handle:
+            code = ctypes.get_last_error()
+            if code in (ERROR_FILE_NOT_FOUND, ERROR_PATH_NOT_FOUND):
+                return None
+            raise _error(code, path)
+        try:
+            buffer = ctypes.create_string_buffer(4096)
+            count = DWORD()
+            _check(ReadFile(handle, buffer, len(buffer), byref(count), None), path)
+            return buffer.raw[: count.value]
+        finally:
+            CloseHandle(handle)
+
+    def _holder(stem: str) -> tuple[bool | None, int | None, str | None]:
+        """Whether a holder is alive for ``stem``, and the pid and info its lock file
+        records; read-only (the shared test of the alive range only)."""
+        _, path = _lock_path(os.environ.get("LOCALAPPDATA"), stem)
+        data = _read_lock(path)
+        if data is None:
+            return False, None, None
+        pid, info = _lock_record(data)
+        return _held(stem), pid, info
+
+    def _pipe_exists(name: str) -> bool:
+        """Whether some instance of the pipe ``name`` exists (free or busy)."""
+        if WaitNamedPipeW(name, 1):
+            return True
+        return ctypes.get_last_error() != ERROR_FILE_NOT_FOUND
+
+    def _inspect(stem: str, timeout: float | None) -> tuple[str, str, int | None, str | None, str]:  # noqa: PLR0911 - one return per state
+        user = _user_sid()
+        name = _pipe_path(user, stem)
+        try:
+            directory, _ = _lock_path(os.environ.get("LOCALAPPDATA"), stem)
+            try:
+                reason = _directory_problem(user, directory)
+            except FileNotFoundError:
+                reason = None  # no lock directory: nobody has claimed as this user here
+            if reason is not None:
+                return (
+                    "unsafe", name, None, None,
+                    f"the lock directory {directory} is unsafe: {reason}; remove it or fix it",
+                )  # fmt: skip
+            held, pid, info = _holder(stem)
+        except OSError as exc:
+            what = exc.filename or "the lock file"
+            return "unsafe", name, None, None, f"{what} cannot be checked: {exc.strerror}"
+        who = f"pid {pid}" if pid is not None else "a process"
+        try:
+            channel = _Backend.dial(stem, timeout if held else 0.0)
+        except PermissionError as exc:
+            return (
+                "foreign", name, None, None,
+                f"{exc.strerror}: do not send it anything; find out who runs it",
+            )  # fmt: skip
+        if channel is not None:
+            server = channel.peer_pid
+            channel.close()  # not a byte sent: the daemon reads end of stream
+            if server is not None:
+                pid, who = server, f"pid {server}"
+            return (
+                "listening", name, pid, info,
+                f"a daemon of this user ({who}) accepted a connection at {name}",
+            )  # fmt: skip
+        if held:
+            if _pipe_exists(name):
+                waited = f"within {timeout:g} s" if timeout is not None else "in time"
+                return (
+                    "busy", name, pid, info,
+                    f"the holder ({who}) is alive but every pipe instance stayed busy {waited}:"
+                    " it is busy or stuck; wait, or stop it and start it again",
+                )  # fmt: skip
+            return (
+                "missing-socket", name, pid, info,
+                f"{who} holds the claim but has no pipe instance at {name} (it is still "
+                "starting, or failed to create one): wait, or stop it and start it again",
+            )  # fmt: skip
+        if pid is not None:
+            return (
+                "stale", name, pid, info,
+                f"the lock file names pid {pid}, which no longer holds the claim; the next "
+                "claim replaces it: start the daemon",
+            )  # fmt: skip
+        return (
+            "absent", name, None, None,
+            "nobody holds the claim and no daemon is serving: start the daemon",
+        )  # fmt: skip
+
+    def _holds(stem: str, pid: int) -> bool:
+        try:
+            held, recorded, _ = _holder(stem)
+        except OSError:
+            return False
+        return bool(held) and recorded == pid
 
     # ----------------------------------------------------------------------- overlapped I/O
 
@@ -980,13 +1105,18 @@ if sys.platform == "win32":
                 CloseHandle(pipe)
             CloseHandle(self._wake)
             LocalFree(self._descriptor)
+            _empty_lock(self._lock)  # a clean release leaves no pid: probe says "absent"
             _release_lock(self._lock)  # the pipe is gone first: then the claim
 
         forget = close  # only reached after os.fork(), which Windows does not have
 
         def handles(self) -> tuple[int, int]:
-            # Hand-over of a claimed pipe to a spawned daemon is not implemented on Windows
-            # yet; connect_or_spawn starts the daemon without one there.
+            # Not on Windows (connect_or_spawn starts the daemon and lets it claim): a
+            # LockFileEx lock belongs to the file object *and the process* that took it, so
+            # a child cannot inherit it through the handle, and the frontend's close of its
+            # handle releases its locks whatever other handles remain. A hand-over needs
+            # the daemon to take the claim byte itself, with no gap a racing claimer could
+            # use while the frontend lets go; that protocol is not written yet.
             raise NotImplementedError("hand-over of a claimed pipe is not implemented on Windows")
 
     # ----------------------------------------------------------------------- backend
@@ -999,6 +1129,20 @@ if sys.platform == "win32":
         @staticmethod
         def locate(stem: str) -> str:
             return _pipe_path(_user_sid(), stem)
+
+        @staticmethod
+        def inspect(
+            stem: str, timeout: float | None
+        ) -> tuple[str, str, int | None, str | None, str]:
+            return _inspect(stem, timeout)
+
+        @staticmethod
+        def holds(stem: str, pid: int) -> bool:
+            return _holds(stem, pid)
+
+        # No ask_to_exit: a daemon started detached has no console (so no Ctrl+Break from
+        # GenerateConsoleCtrlEvent) and usually no window (so no WM_CLOSE); Api.stop ends it
+        # with TerminateProcess (os.kill), which also releases its lock and pipe.
 
         @staticmethod
         def listen(stem: str, info: str | None = None) -> tuple[_Listener, str] | None:

@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from conftest import Child
+from conftest import Child, claimed
 
 import dockpoint
 from dockpoint import Dockpoint, DockpointClosedError, DockpointConnection
@@ -711,3 +711,179 @@ def test_an_interrupted_cancel_leaks_the_operation_rather_than_freeing_it(
         op.close()
         server.write(b"after")
         assert client.read(timeout=10) == b"after"
+
+
+# --------------------------------------------------------------------------- probe
+
+#: Claims (through the backend, with ``info`` from argv[2] when given), says so, then
+#: accepts and closes connections in a thread until stdin ends.
+HOLDER = """
+import os, sys, threading
+from dockpoint import _windows as w
+got = w._Backend.listen(sys.argv[1] + "@default", sys.argv[2] if len(sys.argv) > 2 else None)
+def serve():
+    while True:
+        got[0].accept(None).close()
+if got is not None:
+    threading.Thread(target=serve, daemon=True).start()
+print("claimed" if got is not None else "lost", os.getpid(), flush=True)
+sys.stdin.readline()
+"""
+
+
+def hold(children: list[Child], app: str, *info: str) -> int:
+    child = Child(HOLDER, app, *info)
+    children.append(child)
+    return int(child.expect("claimed").split()[1])
+
+
+def lock_dir() -> str:
+    import os
+
+    return os.environ["LOCALAPPDATA"] + "\\dockpoint"
+
+
+def lock_text(app: str) -> bytes:
+    with open(f"{lock_dir()}\\{app}@default.lock", "rb") as f:
+        return f.read()
+
+
+def status(app: str) -> dict[str, str]:
+    """``python -m dockpoint status APP``'s "key  value" lines (bounded)."""
+    import subprocess
+
+    from conftest import child_env
+
+    done = subprocess.run(
+        [sys.executable, "-m", "dockpoint", "status", app, "--timeout", "0.5"],
+        capture_output=True,
+        encoding="utf-8",
+        timeout=60,
+        env=child_env(PYTHONIOENCODING="utf-8"),
+        check=False,
+    )
+    assert "Traceback" not in done.stderr, done.stderr
+    fields = {"exit": str(done.returncode)}
+    for line in done.stdout.splitlines():
+        key, _, value = line.partition(" ")
+        fields[key] = value.strip()
+    return fields
+
+
+def test_probe_absent_creates_nothing(app: str) -> None:
+    import os
+
+    found = dockpoint.probe(app, timeout=0.5)
+    assert (found.state, found.pid, found.info) == ("absent", None, None), found.reason
+    assert found.address == dockpoint.address(app)
+    assert not os.path.exists(lock_dir())  # read-only: not even the lock directory
+
+
+def test_probe_listening_with_pid_and_info_is_read_only(app: str, children: list[Child]) -> None:
+    pid = hold(children, app, "version 1.2 ü")
+    before = lock_text(app)
+    assert before == f"{pid}\nversion 1.2 ü\n".encode()
+    found = dockpoint.probe(app, timeout=5)
+    assert (found.state, found.pid, found.info) == ("listening", pid, "version 1.2 ü")
+    assert found.reason and "\n" not in found.reason
+    assert lock_text(app) == before
+    fields = status(app)
+    assert (fields["exit"], fields["state"], fields["pid"]) == ("0", "listening", str(pid))
+    assert fields["info"] == "version 1.2 ü"
+    assert w._holds(f"{app}@default", pid) is True
+    assert w._holds(f"{app}@default", pid + 4) is False
+
+
+def test_probe_stale_after_the_holder_is_killed(app: str, children: list[Child]) -> None:
+    pid = hold(children, app)
+    children[-1].proc.kill()
+    children[-1].proc.wait(20)
+    deadline = time.monotonic() + 20  # the kernel drops a dead process's locks soon after
+    while w._held(f"{app}@default") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    found = dockpoint.probe(app, timeout=0.5)
+    assert (found.state, found.pid) == ("stale", pid), found.reason
+    assert w._holds(f"{app}@default", pid) is False
+    assert dockpoint.connect(app) is None
+    with claimed(app):  # the next claim replaces it
+        pass
+
+
+def test_probe_busy_when_every_instance_stays_busy(dp: Dockpoint, app: str) -> None:
+    import os
+
+    first = dockpoint.connect(app)  # takes the only free instance; nobody accepts
+    assert first is not None
+    with first:
+        start = time.monotonic()
+        found = dockpoint.probe(app, timeout=0.5)
+        assert time.monotonic() - start >= 0.45  # it waited the timeout for an instance
+        assert (found.state, found.pid) == ("busy", os.getpid()), found.reason
+        assert "0.5 s" in found.reason
+        with dp.accept(timeout=5):
+            pass
+
+
+def test_probe_absent_after_a_clean_close(app: str) -> None:
+    import os
+
+    with claimed(app):
+        assert dockpoint.probe(app, timeout=5).pid == os.getpid()
+    assert lock_text(app) == b""  # no holder pid left behind
+    found = dockpoint.probe(app, timeout=0.5)
+    assert (found.state, found.pid) == ("absent", None), found.reason
+    assert w._holds(f"{app}@default", os.getpid()) is False
+
+
+def test_probe_unsafe_lock_directory(app: str) -> None:
+    import os
+
+    os.makedirs(lock_dir())  # inherits the test directory's DACL: not the user's alone
+    if w._directory_problem(w._user_sid(), lock_dir()) is None:
+        pytest.skip("this system's default DACL admits only the user")
+    found = dockpoint.probe(app, timeout=0.5)
+    assert found.state == "unsafe" and lock_dir() in found.reason, found.reason
+
+
+#: Claims and releases in a loop; prints how many claims failed.
+CLAIMER = """
+import dockpoint, sys, time
+lost = 0
+for _ in range(int(sys.argv[2])):
+    dp = dockpoint.claim(sys.argv[1])
+    if dp is None:
+        lost += 1
+    else:
+        dp.close()
+    time.sleep(0.0005)  # not synchronisation: leaves the endpoint free most of the time
+print("lost", lost, flush=True)
+"""
+
+
+def test_probe_never_takes_the_claim(app: str, children: list[Child]) -> None:
+    """A probe running all the time never makes a claim fail."""
+    stop = threading.Event()
+    states: set[str] = set()
+
+    def probe_forever() -> None:
+        while not stop.is_set():
+            states.add(dockpoint.probe(app, timeout=0.05).state)
+
+    prober = threading.Thread(target=probe_forever)
+    prober.start()
+    try:
+        claimer = Child(CLAIMER, app, "200")
+        children.append(claimer)
+        assert claimer.line(120) == "lost 0"
+    finally:
+        stop.set()
+        prober.join(30)
+    assert states <= {"absent", "listening", "missing-socket", "stale", "busy"}
+
+
+def test_stop_terminates_the_holder(app: str, children: list[Child]) -> None:
+    assert dockpoint.stop(app) is None  # nobody there
+    pid = hold(children, app)
+    assert dockpoint.stop(app, timeout=20) == pid
+    assert children[-1].proc.wait(20) == 15  # TerminateProcess with os.kill's exit code
+    assert dockpoint.probe(app, timeout=0.5).state in ("stale", "absent")

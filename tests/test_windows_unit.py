@@ -349,3 +349,11 @@ def test_sddl_parts_ignore_colons_inside_entries() -> None:
     assert w._sddl_part(sddl, "D") == f'P(A;;FA;;;{SID})(XA;;FA;;;WD;(@User.x == "D:S:"))'
     assert w._sddl_part(sddl, "S") == "(ML;;NW;;;LW)"
     assert w._sddl_part(f"D:P(A;;FA;;;{SID})", "O") is None
+
+
+def test_lock_record_reads_pid_and_info() -> None:
+    assert w._lock_record(b"") == (None, None)  # emptied by a clean release
+    assert w._lock_record(b"123\n") == (123, None)  # an older file: only the pid
+    assert w._lock_record("123\nversion 1.2 ü\n".encode()) == (123, "version 1.2 ü")
+    assert w._lock_record(b"123\r\nv2\r\n") == (123, "v2")
+    assert w._lock_record(b"junk\nv2\n") == (None, "v2")
