@@ -164,10 +164,6 @@ def wine_version() -> str | None:
 
 
 WINE = wine_version()
-needs_real_windows_or_posix = pytest.mark.skipif(
-    WINE is not None,
-    reason="Wine ignores FILE_FLAG_FIRST_PIPE_INSTANCE, so it cannot judge claim exclusivity",
-)
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from time import monotonic, sleep
 from typing import TYPE_CHECKING
 
 import pytest
-from conftest import LINUX, child_env, needs_real_windows_or_posix
+from conftest import LINUX, child_env
 
 import dockpoint
 from dockpoint._common import endpoint_stem
@@ -388,7 +388,6 @@ def storm(env: dict[str, str], app: str, daemons: Daemons, number: int) -> tuple
     )
 
 
-@needs_real_windows_or_posix
 def test_spawn_storm(env: dict[str, str], app: str, daemons: Daemons) -> None:
     """FRONTENDS ``send``s at the same moment, several times: all get a reply from one
     daemon, exactly one daemon remains, and the losers leave no files behind. Rounds

@@ -8,7 +8,7 @@ import threading
 import time
 
 import pytest
-from conftest import Child, claimed, needs_real_windows_or_posix, wait_blocked
+from conftest import Child, claimed, wait_blocked
 
 import dockpoint
 from dockpoint import Dockpoint, DockpointClosedError, DockpointConnection
@@ -481,7 +481,6 @@ for line in sys.stdin:
 """
 
 
-@needs_real_windows_or_posix
 def test_claim_race_has_exactly_one_winner(app: str, children: list[Child]) -> None:
     workers = [Child(WORKER, app) for _ in range(16)]
     children.extend(workers)
