@@ -9,8 +9,10 @@ daemon and connects again.
 import sys
 
 from ._common import (
+    MAX_INFO_LENGTH,
     MAX_NAME_LENGTH,
     NAME_CHARACTERS,
+    ClaimLostError,
     Dockpoint,
     DockpointClosedError,
     DockpointConnection,
@@ -27,8 +29,10 @@ address = _api.address
 
 __version__ = "0.2.0"
 __all__ = [
+    "MAX_INFO_LENGTH",
     "MAX_NAME_LENGTH",
     "NAME_CHARACTERS",
+    "ClaimLostError",
     "Dockpoint",
     "DockpointClosedError",
     "DockpointConnection",

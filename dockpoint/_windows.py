@@ -652,7 +652,7 @@ if sys.platform == "win32":
             return _pipe_path(_user_sid(), stem)
 
         @staticmethod
-        def listen(stem: str) -> tuple[_Listener, str] | None:
+        def listen(stem: str, info: str | None = None) -> tuple[_Listener, str] | None:
             user = _user_sid()
             name = _pipe_path(user, stem)
             if _exists(name):
