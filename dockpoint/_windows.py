@@ -147,7 +147,9 @@ def _slice_ms(deadline: float | None, now: float) -> int:
     left = deadline - now
     if left <= 0:
         return 0
-    return min(_SLICE_MS, int(-(-left * 1000 // 1)))
+    if left * 1000 >= _SLICE_MS:  # also inf, which int() cannot take
+        return _SLICE_MS
+    return int(-(-left * 1000 // 1))
 
 
 def _wine_version() -> str | None:
