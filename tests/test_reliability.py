@@ -207,6 +207,22 @@ def test_claim_bad_waits_are_refused(app: str, wait: object, error: type) -> Non
     assert not os.path.lexists(dockpoint.address(app))
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts /proc/self/fd")
+def test_a_held_claim_costs_three_descriptors_until_a_thread_waits(app: str) -> None:
+    def count() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    before = count()
+    dp = dockpoint.claim(app)
+    assert dp is not None
+    with dp:
+        assert count() - before == 3  # socket, lock file, directory
+        with pytest.raises(TimeoutError):
+            dp.accept(timeout=0)
+        assert count() - before == 5  # and the wake pipe, once a thread has waited
+    assert count() == before
+
+
 # --------------------------------------------------------------------------- item 3
 
 EXIT_WITH_CYCLE = """
