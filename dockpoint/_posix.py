@@ -1093,9 +1093,7 @@ def _our_socket(fd: int, directory: str, name: str, dfd: int) -> bool:
     # /proc/self/fd alias of the directory, with the frontend's descriptor number).
     prefix, _, base = bound.rpartition("/")
     alias = prefix.startswith("/proc/self/fd/") and prefix[14:].isdigit()
-    return base == name[:-5] + ".new" and (
-        prefix == directory or (alias and _PROC_ALIAS)
-    )
+    return base == name[:-5] + ".new" and (prefix == directory or (alias and _PROC_ALIAS))
 
 
 def _our_lock(fd: int, stem: str, dfd: int) -> bool:
