@@ -183,6 +183,9 @@ class _Channel:
     def send(self, data: bytes | memoryview) -> None:
         self._sock.sendall(data, _NOSIGNAL)  # a closed peer is BrokenPipeError, never SIGPIPE
 
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
     def close(self) -> None:
         self._sock.close()
 
@@ -250,6 +253,9 @@ class _Listener:
 
     def wake(self) -> None:
         os.write(self._wake_w, b"x")
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
 
     def close(self) -> None:
         if os.getpid() != self._owner:  # never unlink or unlock for the parent
@@ -453,6 +459,9 @@ class _Backend:
                         # macOS/BSD refuse when the backlog is full: busy, not absent
                         raise BlockingIOError(errno.EAGAIN, "the daemon is busy", target) from None
                     return None
+                except BlockingIOError:  # a timed connect (Linux) met a full backlog: busy
+                    sock.close()
+                    raise BlockingIOError(errno.EAGAIN, "the daemon is busy", target) from None
                 except _NOBODY:
                     sock.close()
                     return None

@@ -45,7 +45,7 @@ import sys
 from _thread import allocate_lock
 from time import monotonic
 
-from ._common import Api, DockpointClosedError, pipe_name
+from ._common import Api, DockpointClosedError, no_fileno, pipe_name
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # pragma: no cover
@@ -549,6 +549,8 @@ if sys.platform == "win32":
                     return
             self._release()
 
+        fileno = no_fileno  # a named pipe cannot be selected
+
     class _Listener:
         """The claimed pipe. Invariant: while no thread is in ``accept`` the pool ``_free``
         holds a listening instance, and while some are, each waits on its own instance;
@@ -643,6 +645,7 @@ if sys.platform == "win32":
             LocalFree(self._descriptor)
 
         forget = close  # only reached after os.fork(), which Windows does not have
+        fileno = no_fileno  # a named pipe cannot be selected
 
     # ----------------------------------------------------------------------- backend
 
