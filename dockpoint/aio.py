@@ -21,11 +21,15 @@ dockpoint's claim, names and identity checks::
 This module is imported only by those who use it: ``import dockpoint`` does not load
 :mod:`asyncio`.
 
-POSIX: the event loop's own Unix-socket server runs on the claimed listening socket, so
-clients are accepted inside the loop, never inside a task a cancellation could interrupt
-with a client in hand. Each accepted client's identity is checked as
-:meth:`dockpoint.Dockpoint.accept` checks it (the peer's user id, from the kernel) before
-``client_connected_cb`` runs; a client of another user is closed unserved.
+POSIX: the event loop watches the claimed listening socket and, when it is readable, calls
+:meth:`dockpoint.Dockpoint.accept` with a timeout of 0 from a plain loop callback: clients
+are accepted inside the loop, never inside a task a cancellation could interrupt with a
+client in hand, and each client's identity is checked by the blocking API's own code (the
+peer's user id, from the kernel) before ``client_connected_cb`` runs. Each accepted socket
+is handed to :meth:`asyncio.loop.connect_accepted_socket` with asyncio's own
+:class:`asyncio.StreamReaderProtocol`. (asyncio's own ``Server`` is not used: on Python
+3.9-3.13 it leaks, until garbage collection, a connection it accepted in the same loop
+iteration as its ``close()``.)
 """
 
 from __future__ import annotations
@@ -36,13 +40,13 @@ import socket
 import sys
 from weakref import WeakSet
 
-from ._common import BUSY_GRACE, Dockpoint, check_timeout, endpoint_stem
+from ._common import BUSY_GRACE, Dockpoint, DockpointClosedError, check_timeout, endpoint_stem
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # pragma: no cover
     from collections.abc import Awaitable, Callable
     from types import TracebackType
-    from typing import Any, Union
+    from typing import Union
 
     from typing_extensions import Self
 
@@ -51,9 +55,6 @@ if TYPE_CHECKING:  # pragma: no cover
     ]
 
 __all__ = ["Server", "open_connection", "start_server"]
-
-#: Keyword arguments :func:`start_server` decides itself.
-_RESERVED = ("path", "sock", "backlog", "cleanup_socket")
 
 
 def _unsupported() -> OSError:
@@ -66,24 +67,136 @@ def _unsupported() -> OSError:
     )
 
 
+class _Protocol(asyncio.StreamReaderProtocol):
+    """asyncio's stream protocol, telling its server when the connection ends."""
+
+    def __init__(self, server: Server, reader: asyncio.StreamReader) -> None:
+        super().__init__(reader, server._callback, loop=server._loop)
+        self._dockpoint_server = server
+        self._dockpoint_counted = False  # its end has been counted
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._dockpoint_server._clients.add(transport)
+        super().connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self._dockpoint_server._ended(self)
+
+
 class Server:
     """A claimed endpoint served by the running event loop; from :func:`start_server`.
 
     Like :class:`asyncio.Server`: ``async with server:`` closes it at the end of the
     block. Closing releases the claim exactly as :meth:`dockpoint.Dockpoint.close` does
     (the endpoint is removed, then the claim is released), so the next
-    :func:`dockpoint.claim` or :func:`start_server` succeeds. Connections already handed
-    to ``client_connected_cb`` stay open until they are closed or
-    :meth:`close_clients` / :meth:`abort_clients` is called.
+    :func:`dockpoint.claim` or :func:`start_server` succeeds. Connections already
+    accepted stay open until they are closed or :meth:`close_clients` /
+    :meth:`abort_clients` is called.
     """
 
-    def __init__(self, server: asyncio.AbstractServer, endpoint: Dockpoint) -> None:
-        self._server = server
+    def __init__(self, endpoint: Dockpoint, callback: ClientConnected, limit: int) -> None:
         self._endpoint = endpoint
+        self._callback = callback
+        self._limit = limit
+        self._loop = asyncio.get_running_loop()
+        # The loop waits on its own descriptor of the claimed socket; the endpoint keeps
+        # the original, so closing the endpoint stays Dockpoint.close.
+        self._watch = socket.socket(fileno=os.dup(endpoint.fileno()))
+        self._serving = False
+        self._retry: asyncio.TimerHandle | None = None
         self._clients: WeakSet[asyncio.BaseTransport] = WeakSet()
+        self._active = 0  # accepted connections not yet ended
+        self._adopting: set[asyncio.Task[None]] = set()  # strong references: see _accepted
         self._forever: asyncio.Future[None] | None = None
+        self._idle: asyncio.Future[None] | None = None
         #: Where the endpoint lives: the socket path on POSIX.
         self.address = endpoint.address
+
+    # The loop calls this when the listening socket is readable: clients are accepted
+    # here, in a plain callback of the loop, never inside a task that a cancellation
+    # could interrupt while it holds a client.
+    def _ready(self) -> None:
+        endpoint = self._endpoint
+        for _ in range(100):  # then let the loop run other work; it calls again
+            try:
+                # The blocking API's own accept: the same identity check, the same drop of
+                # other users' clients. A timeout of 0 never waits.
+                conn = endpoint.accept(timeout=0)
+            except TimeoutError:
+                return
+            except DockpointClosedError:
+                self._stop_watching()
+                return
+            except OSError as exc:  # out of descriptors, say: pause, as asyncio does
+                self._stop_watching()
+                self._retry = self._loop.call_later(1.0, self._start_watching)
+                self._loop.call_exception_handler(
+                    {"message": "dockpoint.aio: accept failed; retrying in 1 s", "exception": exc}
+                )
+                return
+            try:
+                sock = socket.socket(fileno=os.dup(conn.fileno()))
+            finally:
+                conn.close()
+            self._accepted(sock)
+
+    def _accepted(self, sock: socket.socket) -> None:
+        self._active += 1
+        started = False
+
+        async def adopt() -> None:
+            nonlocal started
+            started = True  # from here asyncio owns the socket and closes it on failure
+            reader = asyncio.StreamReader(limit=self._limit, loop=self._loop)
+            protocol = _Protocol(self, reader)
+            try:
+                await self._loop.connect_accepted_socket(lambda: protocol, sock)
+            except BaseException:
+                if not protocol._dockpoint_counted:
+                    self._ended(protocol)
+                raise
+
+        def done(task: asyncio.Task[None]) -> None:
+            self._adopting.discard(task)
+            if not started:  # cancelled before it ran (the loop shut down): ours to close
+                sock.close()
+                self._active -= 1
+                self._check_idle()
+            elif not task.cancelled() and task.exception() is not None:
+                self._loop.call_exception_handler(
+                    {
+                        "message": "dockpoint.aio: a client could not be set up",
+                        "exception": task.exception(),
+                    }
+                )
+
+        task = self._loop.create_task(adopt())
+        self._adopting.add(task)  # the loop keeps only weak references to tasks
+        task.add_done_callback(done)
+
+    def _ended(self, protocol: _Protocol) -> None:
+        if protocol._dockpoint_counted:
+            return
+        protocol._dockpoint_counted = True
+        self._active -= 1
+        self._check_idle()
+
+    def _check_idle(self) -> None:
+        idle = self._idle
+        if idle is not None and self._active == 0 and self.closed and not idle.done():
+            idle.set_result(None)
+
+    def _start_watching(self) -> None:
+        self._retry = None
+        if not self._serving and not self._endpoint.closed:
+            self._loop.add_reader(self._watch.fileno(), self._ready)
+            self._serving = True
+
+    def _stop_watching(self) -> None:
+        if self._serving:
+            self._loop.remove_reader(self._watch.fileno())
+            self._serving = False
 
     def close(self) -> None:
         """Stop accepting and release the claim. Closing again does nothing.
@@ -91,22 +204,29 @@ class Server:
         Clients still waiting in the OS's queue see end of stream unserved (they may
         connect again, to the next holder); :meth:`serve_forever` returns.
         """
-        self._server.close()  # no more accepts in the loop; its copy of the socket closes
+        if self._endpoint.closed:
+            return
+        self._stop_watching()
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        self._watch.close()
         self._endpoint.close()  # unlink and unlock, as Dockpoint.close always does
         forever, self._forever = self._forever, None
         if forever is not None and not forever.done():
             forever.set_result(None)
+        self._check_idle()
 
     def close_clients(self) -> None:
-        """Close every connection this server has handed to ``client_connected_cb``
-        (as :meth:`asyncio.StreamWriter.close`: queued data is sent first). Their pending
+        """Close every connection this server has accepted (as
+        :meth:`asyncio.StreamWriter.close`: queued data is sent first). Their pending
         reads return end of stream."""
         for transport in list(self._clients):
             transport.close()
 
     def abort_clients(self) -> None:
-        """Close every connection handed to ``client_connected_cb`` at once, dropping data
-        not yet sent."""
+        """Close every connection this server has accepted at once, dropping data not
+        yet sent."""
         for transport in list(self._clients):
             if isinstance(transport, asyncio.WriteTransport):
                 transport.abort()
@@ -120,17 +240,17 @@ class Server:
 
     def is_serving(self) -> bool:
         """Whether new clients are being accepted."""
-        return not self._endpoint.closed and self._server.is_serving()
+        return self._serving
 
     def get_loop(self) -> asyncio.AbstractEventLoop:
         """The event loop the server runs in."""
-        return self._server.get_loop()
+        return self._loop
 
     async def start_serving(self) -> None:
         """Start accepting, if ``start_server(..., start_serving=False)`` made the server."""
         if self._endpoint.closed:
             raise RuntimeError(f"{self!r} is closed")
-        await self._server.start_serving()
+        self._start_watching()
 
     async def serve_forever(self) -> None:
         """Accept clients until :meth:`close`. Cancelling this closes the server (and so
@@ -142,10 +262,10 @@ class Server:
             raise RuntimeError(f"{self!r} is closed")
         if self._forever is not None:
             raise RuntimeError(f"{self!r} is already being awaited on serve_forever()")
-        forever = self._server.get_loop().create_future()
+        forever = self._loop.create_future()
         self._forever = forever
         try:
-            await self._server.start_serving()
+            self._start_watching()
             await forever
         finally:
             if self._forever is forever:
@@ -153,9 +273,12 @@ class Server:
             self.close()
 
     async def wait_closed(self) -> None:
-        """Wait until the server is closed (on Python 3.12 and later, as
-        :meth:`asyncio.Server.wait_closed` does there, also until its connections are)."""
-        await self._server.wait_closed()
+        """Wait until the server is closed and every connection it accepted has ended
+        (as :meth:`asyncio.Server.wait_closed` does on Python 3.12 and later)."""
+        if self._idle is None:
+            self._idle = self._loop.create_future()
+        self._check_idle()
+        await asyncio.shield(self._idle)
 
     async def __aenter__(self) -> Self:
         return self
@@ -178,23 +301,25 @@ async def start_server(
     client_connected_cb: ClientConnected,
     app_name: str,
     instance: str = "default",
-    **kw: Any,
+    *,
+    limit: int = 2**16,
+    start_serving: bool = True,
 ) -> Server | None:
     """Claim the endpoint for ``(app_name, instance)`` and serve it in the running loop.
 
     Like :func:`asyncio.start_unix_server`: ``client_connected_cb(reader, writer)`` is
     called with an :class:`asyncio.StreamReader` and :class:`asyncio.StreamWriter` for
-    each client; if it is a coroutine function, it runs as a task. A client's identity is
-    checked before the callback runs, exactly as :meth:`dockpoint.Dockpoint.accept`
-    checks it: clients of another user are closed unserved.
+    each client; if it is a coroutine function, it runs as a task. Clients are accepted
+    by :meth:`dockpoint.Dockpoint.accept` itself, so each one's identity is checked
+    exactly as there before the callback runs: clients of another user are closed
+    unserved.
 
-    :param kw: passed to :func:`asyncio.start_unix_server` (``limit=``,
-        ``start_serving=``, ...); the endpoint decides ``path``, ``sock``, ``backlog`` and
-        ``cleanup_socket``.
+    :param limit: the buffer limit of each :class:`asyncio.StreamReader`.
+    :param start_serving: ``False`` claims without accepting yet (see
+        :meth:`Server.start_serving`).
     :returns: the serving :class:`Server`, or ``None`` if another process holds the
         claim.
-    :raises TypeError: a name is not a ``str``, ``client_connected_cb`` is not callable,
-        or ``kw`` names an argument the endpoint decides.
+    :raises TypeError: a name is not a ``str``, or ``client_connected_cb`` is not callable.
     :raises ValueError: a name breaks the naming rules (see :func:`dockpoint.claim`).
     :raises PermissionError: the endpoint directory is unsafe.
     :raises OSError: with ``errno.ENOTSUP`` on Windows, which this module does not
@@ -204,61 +329,23 @@ async def start_server(
         raise TypeError(
             f"client_connected_cb must be callable, not {type(client_connected_cb).__name__}"
         )
-    for name in _RESERVED:
-        if name in kw:
-            raise TypeError(f"start_server() decides {name!r} itself; do not pass it")
     endpoint_stem(app_name, instance)  # argument errors before anything else
     if sys.platform == "win32":
         raise _unsupported()
-    from . import _posix, claim
+    from . import claim
 
     asyncio.get_running_loop()  # outside a running loop: RuntimeError before the claim
+    # Nothing below suspends, so a cancellation cannot land between claim and return.
     endpoint = claim(app_name, instance)
     if endpoint is None:
         return None
-    uid = os.geteuid()
-    peer = _posix._peer
-    server: Server | None = None
-
-    def connected(
-        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> Awaitable[None] | None:
-        transport = writer.transport
-        try:
-            _, peer_uid = peer(writer.get_extra_info("socket"))
-        except OSError:
-            peer_uid = -1
-        if peer_uid != uid:  # another user's client (or no credentials): drop it unserved
-            transport.abort()
-            return None
-        if server is not None:
-            server._clients.add(transport)
-        return client_connected_cb(reader, writer)
-
-    start = kw.pop("start_serving", True)
-    if sys.version_info >= (3, 13):
-        kw["cleanup_socket"] = False  # the endpoint removes its own socket, if still its own
     try:
-        # The loop's server gets its own descriptor of the claimed socket; the endpoint
-        # keeps the original, so closing the endpoint stays Dockpoint.close.
-        sock = socket.socket(fileno=os.dup(endpoint.fileno()))
-        try:
-            # No suspension inside with start_serving=False: nothing to lose to a cancel.
-            inner = await asyncio.start_unix_server(
-                connected, sock=sock, backlog=_posix._BACKLOG, start_serving=False, **kw
-            )
-        except BaseException:
-            sock.close()
-            raise
-        server = Server(inner, endpoint)
-        if start:
-            await inner.start_serving()
+        server = Server(endpoint, client_connected_cb, limit)
     except BaseException:
-        if server is not None:
-            server.close()
-        else:
-            endpoint.close()
+        endpoint.close()
         raise
+    if start_serving:
+        server._start_watching()
     return server
 
 
@@ -267,7 +354,7 @@ async def open_connection(
     instance: str = "default",
     *,
     timeout: float | None = None,
-    **kw: Any,
+    limit: int = 2**16,
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
     """Connect to the daemon holding ``(app_name, instance)``, as :func:`dockpoint.connect`
     does, and return asyncio streams on the connection.
@@ -278,7 +365,7 @@ async def open_connection(
     :param timeout: ``None`` makes one attempt (a busy daemon is waited for briefly, never
         taken for "nobody there"); a number of seconds keeps trying until a daemon
         accepts or the time is up.
-    :param kw: passed to :func:`asyncio.open_unix_connection` (``limit=``).
+    :param limit: the buffer limit of the :class:`asyncio.StreamReader`.
     :returns: ``(reader, writer)``, or ``None`` if nobody is there when the attempts end.
     :raises TypeError: a name is not a ``str``.
     :raises ValueError: a name breaks the naming rules, or a negative ``timeout``.
@@ -289,9 +376,6 @@ async def open_connection(
     """
     stem = endpoint_stem(app_name, instance)
     timeout = check_timeout(timeout)
-    for name in ("path", "sock"):
-        if name in kw:
-            raise TypeError(f"open_connection() decides {name!r} itself; do not pass it")
     if sys.platform == "win32":
         raise _unsupported()
     sock = await _dial(stem, timeout)
@@ -299,7 +383,7 @@ async def open_connection(
         return None
     # The transport takes the socket at once (no suspension before it does) and closes it
     # if this call is cancelled while it starts.
-    return await asyncio.open_unix_connection(sock=sock, **kw)
+    return await asyncio.open_unix_connection(sock=sock, limit=limit)
 
 
 async def _dial(stem: str, timeout: float | None) -> socket.socket | None:
