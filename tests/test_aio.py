@@ -14,6 +14,7 @@ import random
 import re
 import selectors
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -191,6 +192,42 @@ def test_open_connection_timeout_waits_for_a_server_that_comes(app: str) -> None
         assert await dockpoint.aio.open_connection(app, timeout=0.05) is None
 
     run(main())
+
+
+@posix_only
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux's backlog answers EAGAIN")
+def test_open_connection_waits_for_a_busy_daemon_instead_of_saying_none(app: str) -> None:
+    """A full backlog means a busy daemon, not "nobody there": a wrong ``None`` would
+    make a frontend spawn a second daemon."""
+    with dockpoint.claim(app) as dp:
+        queued: list[socket.socket] = []
+        try:
+            while True:  # fill the kernel's backlog; the daemon accepts nobody yet
+                s = socket.socket(socket.AF_UNIX)
+                s.setblocking(False)
+                try:
+                    s.connect(dp.address)
+                except BlockingIOError:
+                    s.close()
+                    break
+                queued.append(s)
+                assert len(queued) < 100_000, "the backlog never filled"
+
+            async def main() -> None:
+                connecting = asyncio.ensure_future(dockpoint.aio.open_connection(app))
+                for _ in range(3):
+                    await asyncio.sleep(0)
+                assert not connecting.done(), "open_connection gave up on a busy daemon"
+                dp.accept(timeout=10).close()  # one slot frees up
+                got = await asyncio.wait_for(connecting, 10)
+                assert got is not None
+                got[1].close()
+                await got[1].wait_closed()
+
+            run(main())
+        finally:
+            for s in queued:
+                s.close()
 
 
 # --------------------------------------------------------------------------- many clients
