@@ -745,7 +745,10 @@ def test_many_threads_in_accept_serve_every_client_exactly_once(app: str) -> Non
         for t in callers:
             t.join(60)
             assert not t.is_alive()
-        dp.close()  # ends every accepting thread
+        closer = threading.Thread(target=dp.close, daemon=True)  # ends every accepting thread
+        closer.start()
+        closer.join(10)
+        assert not closer.is_alive(), "close() did not end the accepting threads"
         for t in servers:
             t.join(10)
             assert not t.is_alive()
