@@ -1,20 +1,65 @@
 """Developer tasks: ``nox`` runs tests, lint and typecheck; ``nox -s wine`` runs the
-test suite against the Windows backend under Wine; ``nox -s bench`` is the benchmark."""
+test suite against the Windows backend under Wine; ``nox -s bench`` is the benchmark.
+
+The ``tests`` sessions test the installed package: pytest runs from a temporary
+directory, so the checkout's ``dockpoint/`` is not on ``sys.path`` (``tests/`` is, for
+``from conftest import ...``), and the test suite refuses to run if ``dockpoint`` is
+imported from the checkout anyway (``DOCKPOINT_TEST_INSTALLED=1``).
+"""
 
 from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
 
 import nox
 
 PYTHONS = ["3.9", "3.10", "3.11", "3.12", "3.13"]
+ROOT = Path(__file__).resolve().parent
 nox.options.sessions = ["tests", "lint", "typecheck"]
 nox.options.reuse_existing_virtualenvs = True
+
+
+def _found(version: str) -> bool:
+    if sys.platform == "win32":
+        return shutil.which("py") is not None or shutil.which(f"python{version}") is not None
+    return shutil.which(f"python{version}") is not None
+
+
+MISSING = [v for v in PYTHONS if not _found(v)]
+if MISSING:
+    what = "fails" if os.environ.get("CI") else "skips"
+    sys.stderr.write(
+        f"nox: Python {', '.join(MISSING)} not found on PATH: nox {what} "
+        f"{', '.join('tests-' + v for v in MISSING)} (install them, or set CI=1 to fail)\n"
+    )
 
 
 @nox.session(python=PYTHONS)
 def tests(session: nox.Session) -> None:
     """The test suite, against the installed package, on every supported Python."""
     session.install(".[test]")
-    session.run("python", "-m", "pytest", *session.posargs)
+    # Paths given after "--" are the checkout's; pytest runs elsewhere.
+    args = [str(ROOT / a) if a.startswith("tests") else a for a in session.posargs]
+    if not any(a.startswith(str(ROOT)) for a in args):
+        args.append(str(ROOT / "tests"))
+    outside = session.create_tmp()  # not the checkout: keeps ./dockpoint off sys.path
+    session.chdir(outside)
+    session.run(
+        "python",
+        "-m",
+        "pytest",
+        "-c",
+        str(ROOT / "pyproject.toml"),
+        "--rootdir",
+        str(ROOT),
+        "-p",
+        "no:cacheprovider",
+        *args,
+        env={"DOCKPOINT_TEST_INSTALLED": "1"},
+    )
 
 
 @nox.session(python="3.11")

@@ -11,9 +11,11 @@ import sys
 from ._common import (
     MAX_NAME_LENGTH,
     NAME_CHARACTERS,
+    PROBE_STATES,
     Dockpoint,
     DockpointClosedError,
     DockpointConnection,
+    Probe,
 )
 
 if sys.platform == "win32":
@@ -24,16 +26,23 @@ else:
 claim = _api.claim
 connect = _api.connect
 address = _api.address
+probe = _api.probe
+stop = _api.stop
 
+#: The one version string (``pyproject.toml`` reads it: ``dynamic = ["version"]``).
 __version__ = "0.2.0"
 __all__ = [
     "MAX_NAME_LENGTH",
     "NAME_CHARACTERS",
+    "PROBE_STATES",
     "Dockpoint",
     "DockpointClosedError",
     "DockpointConnection",
+    "Probe",
     "__version__",
     "address",
     "claim",
     "connect",
+    "probe",
+    "stop",
 ]

@@ -1,8 +1,9 @@
-"""``python -m dockpoint``: an echo daemon, a frontend that starts it on demand, and a
-status report that shows the state of any app's endpoint.
+"""``python -m dockpoint``: an echo daemon, a frontend that starts it on demand, a
+status report that shows the state of any app's endpoint, and a way to stop its holder.
 
 ``serve`` and ``send`` are the whole auto-spawning client-daemon pattern built only on
-the public API; ``status`` is what a user runs when their own daemon misbehaves.
+the public API; ``status`` (a printer of :func:`dockpoint.probe`) and ``stop`` (of
+:func:`dockpoint.stop`) are what a user runs when their own daemon misbehaves.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import sys
 from time import monotonic
 
 import dockpoint
-from dockpoint._common import endpoint_stem
+from dockpoint._common import endpoint_stem  # for send
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # pragma: no cover - names for type hints only
@@ -28,6 +29,7 @@ PROG = "python -m dockpoint"
 EXIT_OK = 0
 EXIT_NOBODY = 1
 EXIT_ERROR = 2
+EXIT_STUCK = 3
 
 #: Longest request line the echo daemon reads; a longer one is dropped unanswered.
 MAX_LINE = 65536
@@ -39,6 +41,8 @@ DEFAULT_SPAWN_IDLE = 600.0
 DEFAULT_SEND_TIMEOUT = 10.0
 #: Default for how long ``status`` waits for a claimed endpoint to accept its probe.
 DEFAULT_STATUS_TIMEOUT = 2.0
+#: Default for how long ``stop`` waits for the holder to release the claim.
+DEFAULT_STOP_TIMEOUT = 10.0
 #: ``send`` starts at most this many daemons itself (a lost race costs one).
 MAX_SPAWNS = 3
 
@@ -51,8 +55,9 @@ PROTOCOL = (
 EXIT_CODES = """\
 exit status:
   0  success (for status: a daemon answered)
-  1  no daemon answered
-  2  usage error, or a problem to fix first (a bad name, an unsafe directory, ...)"""
+  1  no daemon answered (for stop: nothing to stop)
+  2  usage error, or a problem to fix first (a bad name, an unsafe directory, ...)
+  3  stop: the holder did not let go within --timeout"""
 SERVE_EXIT = """\
 exit status:
   0  stopped (idle, or by a signal), or another process already serves APP
@@ -64,9 +69,30 @@ exit status:
   2  usage error, or a problem to fix first (a bad name, an unsafe directory, ...)"""
 STATUS_EXIT = """\
 exit status:
-  0  a daemon answered
-  1  nobody is there (or the holder does not accept connections)
-  2  a problem to fix first (a bad name, an unsafe directory, a file in the way)"""
+  0  a daemon answered (state: listening)
+  1  no daemon answered here (busy, absent, stale, missing-socket, elsewhere)
+  2  a problem to fix first (unsafe, foreign, blocked; a bad name;
+     XDG_RUNTIME_DIR missing, not a directory or unsafe)
+
+states:
+  listening       a daemon of this user accepted a connection
+  busy            the holder is alive but did not accept within --timeout
+  absent          nobody holds the claim, nothing is left behind
+  stale           files left by a holder that is gone (the next claim replaces them)
+  missing-socket  the claim is held but the socket is gone or replaced: restart it
+  elsewhere       nothing here, but a daemon answers where XDG_RUNTIME_DIR set/unset
+                  would put it: run daemon and clients with the same environment
+  unsafe          a directory or file fails the checks (owner, mode, symlink)
+  foreign         another user serves the endpoint
+  blocked         something that is not a socket sits at the socket path"""
+STOP_EXIT = """\
+exit status:
+  0  the holder released the claim (it was sent SIGTERM, or on Windows ended,
+     and let go in time)
+  1  nobody holds the claim here (nothing was sent)
+  2  a problem to fix first (a bad name, an unsafe directory, another user's
+     endpoint)
+  3  the holder still holds the claim after --timeout"""
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -161,8 +187,7 @@ def serve(app: str, instance: str, idle: float | None) -> int:
         _stop_on_signals(dp)
         pid = os.getpid()
         prefix = b"%d " % pid
-        stem = endpoint_stem(app, instance)
-        _say(sys.stdout, f"dockpoint: serving {stem} at {dp.address} (pid {pid})")
+        _say(sys.stdout, f"dockpoint: serving {_stem(app, instance)} at {dp.address} (pid {pid})")
         while True:
             try:
                 conn = dp.accept(timeout=idle)
@@ -295,188 +320,59 @@ def _give_up(stem: str, timeout: float, why: str) -> int:
     return EXIT_NOBODY
 
 
-# --------------------------------------------------------------------------- status
+# --------------------------------------------------------------------------- status, stop
+
+#: ``status``'s exit status for each :attr:`dockpoint.Probe.state`.
+STATUS_CODES = {
+    "listening": EXIT_OK,
+    "busy": EXIT_NOBODY,
+    "absent": EXIT_NOBODY,
+    "stale": EXIT_NOBODY,
+    "missing-socket": EXIT_NOBODY,
+    "elsewhere": EXIT_NOBODY,
+    "unsafe": EXIT_ERROR,
+    "foreign": EXIT_ERROR,
+    "blocked": EXIT_ERROR,
+}
 
 
 def status(app: str, instance: str, timeout: float) -> int:
-    """Print where the endpoint lives and what state it is in; return the exit status."""
-    stem = endpoint_stem(app, instance)
-    address = dockpoint.address(app, instance)
-    report: list[tuple[str, str]] = [("endpoint", stem), ("address", address)]
-    claimed: bool | None = None
-    problem: str | None = None
-    if sys.platform != "win32":
-        claimed, problem = _inspect_files(address, stem, report)
-    code = EXIT_ERROR
-    if problem is None:
-        try:
-            # Wait for a holder that may be busy; make one quick attempt otherwise.
-            conn = dockpoint.connect(app, instance, timeout=timeout if claimed else None)
-        except OSError as exc:
-            problem = _describe(exc)
-        else:
-            if conn is None:
-                code = EXIT_NOBODY
-                if claimed:
-                    report.append(("daemon", f"not accepting connections within {timeout:g} s"))
-                else:
-                    report.append(("daemon", "none: nobody is there"))
-            else:
-                code = EXIT_OK
-                with conn:
-                    pid = conn.peer_pid
-                report.append(("daemon", "answering" + (f", pid {pid}" if pid else "")))
+    """Print what :func:`dockpoint.probe` found; return the exit status."""
+    found = dockpoint.probe(app, instance, timeout=timeout)
+    report = [("endpoint", _stem(app, instance)), ("state", found.state)]
+    report.append(("address", found.address))
+    if found.pid is not None:
+        report.append(("pid", str(found.pid)))
+    if found.info is not None:
+        report.append(("info", found.info))
+    report.append(("reason", found.reason))
     width = max(len(key) for key, _ in report)
     for key, value in report:
         _say(sys.stdout, f"{key.ljust(width)}  {value}")
-    if problem is not None:
-        _log(f"error: {problem}")
-        return EXIT_ERROR
+    code = STATUS_CODES[found.state]
+    if code == EXIT_ERROR:
+        _log(f"error: {found.reason}")
     return code
 
 
-if sys.platform != "win32":
+def stop(app: str, instance: str, timeout: float) -> int:
+    """Ask the holder of ``(app, instance)`` to exit; say what happened."""
+    stem = _stem(app, instance)
+    try:
+        pid = dockpoint.stop(app, instance, timeout=timeout)
+    except TimeoutError as exc:
+        _log(f"error: {exc}")
+        return EXIT_STUCK
+    if pid is None:
+        found = dockpoint.probe(app, instance, timeout=0)
+        _say(sys.stdout, f"dockpoint: nothing to stop for {stem} ({found.state}): {found.reason}")
+        return EXIT_NOBODY
+    _say(sys.stdout, f"dockpoint: stopped {stem} (pid {pid} released the claim and exited)")
+    return EXIT_OK
 
-    def _inspect_files(
-        address: str, stem: str, report: list[tuple[str, str]]
-    ) -> tuple[bool | None, str | None]:
-        """Describe the endpoint directory, lock file and socket file into ``report``.
 
-        Never takes the lock (that would make a concurrent claim fail). Returns whether
-        the claim is held and a problem that prevents an answer.
-        """
-        import stat
-
-        directory, _, sock_name = address.rpartition("/")
-        try:
-            st = os.lstat(directory)
-        except FileNotFoundError:
-            report.append(("directory", f"{directory} (does not exist yet)"))
-            report.append(("claim", "free (no daemon has run here)"))
-            return False, None
-        uid = os.geteuid()
-        why = None
-        if stat.S_ISLNK(st.st_mode):
-            why = "it is a symbolic link"
-        elif not stat.S_ISDIR(st.st_mode):
-            why = "it is not a directory"
-        elif st.st_uid != uid:
-            why = f"it is owned by uid {st.st_uid}, not by uid {uid}"
-        elif st.st_mode & 0o077:
-            why = f"its mode {st.st_mode & 0o7777:04o} lets group or others in (must be 0700)"
-        if why is not None:
-            report.append(("directory", f"{directory} (UNSAFE: {why})"))
-            return None, f"unsafe directory for dockpoint: {why}: {directory!r}"
-        report.append(("directory", f"{directory} (safe: yours, mode 0700)"))
-
-        lock_path = f"{directory}/{stem}.lock"
-        pid, held, problem = _read_lock(lock_path)
-        if problem is not None:
-            report.append(("lock file", f"{lock_path} (NOT A REGULAR FILE OF YOURS)"))
-            return None, problem
-        alive = pid is not None and _pid_alive(pid)
-        if held is None:  # no /proc/locks here: the recorded pid is the best evidence
-            held = alive
-        if held:
-            text = f"held by pid {pid}" if pid is not None else "held (holder pid not recorded)"
-        elif pid is not None and not alive:
-            text = f"free; the lock file names pid {pid}, which is gone (did not exit cleanly)"
-        elif pid is not None:
-            text = f"free; the lock file names pid {pid}, which runs but does not hold it"
-        else:
-            text = "free"
-        report.append(("claim", text))
-        report.append(("lock file", lock_path if os.path.lexists(lock_path) else "none"))
-
-        try:
-            sst = os.lstat(address)
-        except FileNotFoundError:
-            report.append(("socket", "none"))
-        else:
-            if not stat.S_ISSOCK(sst.st_mode):
-                report.append(("socket", "NOT A SOCKET: remove it"))
-                problem = (
-                    f"something that is not a socket sits at the endpoint path; no daemon "
-                    f"can claim {stem} until it is removed: {address!r}"
-                )
-            elif held:
-                report.append(("socket", "present"))
-            else:
-                report.append(
-                    (
-                        "socket",
-                        "stale: left by a daemon that did not exit cleanly "
-                        "(the next claim replaces it)",
-                    )
-                )
-        leftover = f"{directory}/{sock_name[: -len('.sock')]}.new"
-        if not held and os.path.lexists(leftover):
-            report.append(
-                (
-                    "leftover",
-                    f"{leftover}: stale, left by a daemon that died while claiming "
-                    "(the next claim removes it)",
-                )
-            )
-        return held, problem
-
-    def _read_lock(path: str) -> tuple[int | None, bool | None, str | None]:
-        """The pid recorded in the lock file; whether the file is ``flock``-ed (from
-        ``/proc/locks`` on Linux, ``None`` where that cannot be told); a problem."""
-        import stat
-
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return None, False, None
-        except OSError as exc:  # a symlink (ELOOP), no permission, ...
-            return None, None, f"cannot read the lock file: {_describe(exc)}"
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
-                return None, None, f"the lock file is not a regular file of this user: {path!r}"
-            raw = os.read(fd, 64)
-        finally:
-            os.close(fd)
-        text = raw.decode("ascii", "replace").strip()
-        pid = int(text) if text.isdigit() and 0 < int(text) < 1 << 31 else None
-        return pid, _flocked(st), None
-
-    def _flocked(st: os.stat_result) -> bool | None:
-        """Whether a ``flock`` lock is held on the file ``st`` (Linux ``/proc/locks``)."""
-        try:
-            with open("/proc/locks", encoding="ascii", errors="replace") as f:
-                lines = f.read().splitlines()
-        except OSError:
-            return None
-        wanted = (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
-        for line in lines:
-            # "1: FLOCK  ADVISORY  WRITE 1234 00:2a:5678 0 EOF"; waiters have "->".
-            fields = line.split()
-            if len(fields) < 6 or fields[1] != "FLOCK":
-                continue
-            try:
-                major, minor, ino = fields[5].split(":")
-                if (int(major, 16), int(minor, 16), int(ino)) == wanted:
-                    return True
-            except ValueError:
-                continue
-        return False
-
-    def _pid_alive(pid: int) -> bool:
-        """Whether process ``pid`` is running (a zombie is not: it holds no locks)."""
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:  # exists, owned by someone else
-            pass
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                state = f.read().rpartition(b")")[2].split()[:1]
-        except OSError:  # no /proc (macOS, BSD), or it just ended
-            return True
-        return state not in ([b"Z"], [b"X"])
+def _stem(app: str, instance: str) -> str:
+    return f"{app}@{instance}".lower()
 
 
 # --------------------------------------------------------------------------- command line
@@ -494,7 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
             "examples:\n"
             f"  {PROG} send demo hello    # the first call starts a daemon\n"
             f"  {PROG} send demo again    # later calls reuse it\n"
-            f"  {PROG} status demo        # where it lives, who holds it\n\n" + EXIT_CODES
+            f"  {PROG} status demo        # where it lives, who holds it\n"
+            f"  {PROG} stop demo          # ask the daemon to exit\n\n" + EXIT_CODES
         ),
         formatter_class=_HelpFormatter,
     )
@@ -579,10 +476,10 @@ def build_parser() -> argparse.ArgumentParser:
     status_cmd = command(
         "status",
         "show where APP's endpoint lives and whether a daemon answers",
-        "Show the endpoint's address, whether its directory is safe, whether the claim "
-        "is held and by which pid, whether a daemon accepts connections, and any files "
-        "left over by a daemon that died. Never takes the claim. The check connects "
-        "once and closes without sending anything.",
+        "Print what dockpoint.probe() finds: the endpoint's state, its address, the "
+        "holder's pid and info when known, and one sentence on what to do. Never takes "
+        "the claim and creates nothing. The check connects once and closes without "
+        "sending anything.",
         STATUS_EXIT,
     )
     status_cmd.add_argument(
@@ -591,6 +488,24 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_STATUS_TIMEOUT,
         metavar="SECONDS",
         help="how long a claimed endpoint may take to accept the check (default: %(default)g)",
+    )
+
+    stop_cmd = command(
+        "stop",
+        "ask the process holding APP's endpoint to exit, and wait until it has",
+        "Built on dockpoint.stop(): checks that the pid recorded in the lock file still "
+        "holds the claim, sends it SIGTERM, and waits up to --timeout for the claim to "
+        "be released. Any daemon that closes its endpoint on SIGTERM (as 'serve' does), "
+        "or dies of it, stops this way. On Windows the pipe server's process is ended "
+        "(TerminateProcess).",
+        STOP_EXIT,
+    )
+    stop_cmd.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=DEFAULT_STOP_TIMEOUT,
+        metavar="SECONDS",
+        help="how long to wait for the holder to let go (default: %(default)g)",
     )
     return parser
 
@@ -601,7 +516,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     sub: argparse.ArgumentParser = args.parser
     try:
-        endpoint_stem(args.app, args.instance)
+        dockpoint.address(args.app, args.instance)  # checks the names
     except (TypeError, ValueError) as exc:
         sub.error(str(exc))
     try:
@@ -620,6 +535,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 idle=args.idle,
                 verbose=args.verbose,
             )
+        if args.command == "stop":
+            return stop(args.app, args.instance, args.timeout)
         return status(args.app, args.instance, args.timeout)
     except KeyboardInterrupt:
         return 130

@@ -47,14 +47,22 @@ if TYPE_CHECKING:  # pragma: no cover - names for type hints only, never importe
             """One attempt: ``None`` when nobody is there; ``BlockingIOError`` when the
             holder is alive but cannot take the connection yet."""
 
+        # Optional (a backend without them gets the portable fallbacks of Api.probe/stop):
+        # inspect(stem, timeout) -> (state, address, pid, info, reason), read-only;
+        # holds(stem, pid) -> whether process pid holds the claim now, read-only;
+        # ask_to_exit(pid) -> ask process pid to release the claim and exit (SIGTERM);
+        # without them, stop() asks dial() for the server's pid and uses os.kill.
+
 
 __all__ = [
     "MAX_NAME_LENGTH",
     "NAME_CHARACTERS",
+    "PROBE_STATES",
     "Api",
     "Dockpoint",
     "DockpointClosedError",
     "DockpointConnection",
+    "Probe",
     "check_timeout",
     "endpoint_stem",
     "no_fileno",
@@ -185,6 +193,75 @@ def no_fileno(self: object) -> int:
 def pipe_name(user_sid: str, stem: str) -> str:
     """The Windows named pipe for ``stem``, scoped to the user ``user_sid``."""
     return f"\\\\.\\pipe\\dockpoint-{user_sid}-{stem}"
+
+
+# --------------------------------------------------------------------------- probe
+
+#: Every value of :attr:`Probe.state`.
+PROBE_STATES = (
+    "listening",
+    "busy",
+    "absent",
+    "stale",
+    "missing-socket",
+    "elsewhere",
+    "unsafe",
+    "foreign",
+    "blocked",
+)
+#: Default ``timeout`` of :func:`dockpoint.probe`.
+PROBE_TIMEOUT = 2.0
+#: Default ``timeout`` of :func:`dockpoint.stop`.
+STOP_TIMEOUT = 10.0
+
+
+class Probe:
+    """What :func:`dockpoint.probe` found at an endpoint.
+
+    ``state`` is one of :data:`PROBE_STATES`:
+
+    - ``"listening"``: a daemon of this user accepted a connection.
+    - ``"busy"``: the holder is alive but did not accept within the timeout.
+    - ``"absent"``: nobody holds the claim and nothing is left behind.
+    - ``"stale"``: files left by a holder that is gone (the next claim replaces them).
+    - ``"missing-socket"``: the claim is held but the socket is gone or replaced.
+    - ``"elsewhere"``: nothing here, but a daemon of this user answers at the other
+      location it could have used (``XDG_RUNTIME_DIR`` set vs unset); ``address`` is that.
+    - ``"unsafe"``: a directory or file fails dockpoint's checks (or
+      ``XDG_RUNTIME_DIR`` names a missing directory).
+    - ``"foreign"``: the endpoint is served by another user.
+    - ``"blocked"``: something that is not a socket is in the way.
+    """
+
+    __slots__ = ("address", "info", "pid", "reason", "state")
+
+    def __init__(
+        self, state: str, address: str, pid: int | None, info: str | None, reason: str
+    ) -> None:
+        #: One of :data:`PROBE_STATES`.
+        self.state = state
+        #: The endpoint's address (for ``"elsewhere"``: where the daemon was found).
+        self.address = address
+        #: The holder's process id, when known.
+        self.pid = pid
+        #: The text the holder gave ``claim(info=...)``, when it gave one.
+        self.info = info
+        #: One sentence saying what was found and what to do about it.
+        self.reason = reason
+
+    def __repr__(self) -> str:
+        return (
+            f"Probe(state={self.state!r}, address={self.address!r}, pid={self.pid!r}, "
+            f"info={self.info!r})"
+        )
+
+
+def _terminate(pid: int) -> None:
+    """End process ``pid`` (for backends without ``ask_to_exit``; on Windows
+    ``os.kill`` is ``TerminateProcess``, and the endpoint dies with the process)."""
+    import signal
+
+    os.kill(pid, signal.SIGTERM)
 
 
 # --------------------------------------------------------------------------- classes
@@ -535,6 +612,109 @@ class Api:
                 return None
             time.sleep(min(pause, left))
             pause = min(pause * 2, 0.05)
+
+    def probe(
+        self, app_name: str, instance: str = "default", *, timeout: float | None = PROBE_TIMEOUT
+    ) -> Probe:
+        """Tell what is at the endpoint for ``(app_name, instance)``, and why.
+
+        Read-only: creates nothing and never takes the claim, so a concurrent
+        :func:`claim` is unaffected. A connection attempt, if made, is closed at once
+        without a byte sent.
+
+        :param timeout: how long a holder may take to accept the check; ``None`` waits
+            for ever.
+        :returns: a :class:`Probe`; its ``reason`` is one sentence a user can act on.
+        :raises TypeError: a name is not a ``str``, or ``timeout`` is not a number.
+        :raises ValueError: a name breaks the naming rules, or ``timeout`` is negative.
+        """
+        stem = endpoint_stem(app_name, instance)
+        timeout = check_timeout(timeout)
+        inspect = getattr(self._backend, "inspect", None)
+        if inspect is not None:
+            return Probe(*inspect(stem, timeout))
+        address = self._backend.locate(stem)
+        try:  # what a connect can tell
+            channel = self._backend.dial(stem, timeout)
+        except PermissionError as exc:
+            return Probe("foreign", address, None, None, f"{exc.strerror}: do not send it anything")
+        except BlockingIOError:
+            return Probe(
+                "busy", address, None, None, "the holder did not accept within the timeout"
+            )
+        if channel is None:
+            return Probe("absent", address, None, None, "nobody is serving: start the daemon")
+        pid = channel.peer_pid
+        channel.close()
+        return Probe("listening", address, pid, None, "a daemon of this user answered")
+
+    def stop(
+        self, app_name: str, instance: str = "default", *, timeout: float = STOP_TIMEOUT
+    ) -> int | None:
+        """Ask the process holding ``(app_name, instance)`` to exit, and wait until it
+        has released the claim.
+
+        On POSIX the holder gets ``SIGTERM``, only after checking that the pid it recorded
+        in its lock file still holds the claim. A daemon that closes its
+        :class:`Dockpoint` on ``SIGTERM`` (or dies of it) releases the endpoint.
+
+        :param timeout: seconds to wait for the release.
+        :returns: the pid that was stopped, or ``None`` if nobody held the claim here
+            (see :func:`probe` for the details, e.g. a daemon found ``"elsewhere"``).
+        :raises TimeoutError: the holder still holds the claim after ``timeout``.
+        :raises PermissionError: the endpoint is another user's or its directory unsafe.
+
+        On Windows the holder is the server process of the pipe a connection reaches
+        (its pid from ``GetNamedPipeServerProcessId``); it is ended with
+        ``TerminateProcess`` (``os.kill``), which gives it no chance to clean up, and the
+        pipe dies with it.
+        """
+        import errno
+
+        stem = endpoint_stem(app_name, instance)
+        if timeout is None:
+            raise TypeError("timeout must be a number of seconds, not None")
+        wait = check_timeout(timeout)
+        assert wait is not None
+        backend = self._backend
+        holds = getattr(backend, "holds", None) or self._serves
+        ask = getattr(backend, "ask_to_exit", None) or _terminate
+        found = self.probe(app_name, instance, timeout=min(wait, PROBE_TIMEOUT))
+        if found.state in ("unsafe", "foreign"):
+            raise PermissionError(errno.EACCES, found.reason, found.address)
+        pid = found.pid
+        if found.state not in ("listening", "busy", "missing-socket") or pid is None:
+            return None
+        if not holds(stem, pid):
+            return None  # it let go on its own in the meantime
+        try:
+            ask(pid)
+        except ProcessLookupError:
+            return pid
+        deadline = time.monotonic() + wait
+        pause = 0.001
+        while holds(stem, pid):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(
+                    f"pid {pid} still holds {stem} {wait:g} s after it was asked to exit"
+                )
+            time.sleep(min(pause, left))
+            pause = min(pause * 2, 0.05)
+        return pid
+
+    def _serves(self, stem: str, pid: int) -> bool:
+        """Whether process ``pid`` serves ``stem`` (for backends without ``holds``: the
+        server of the endpoint a connection reaches is its holder)."""
+        try:
+            channel = self._backend.dial(stem, PROBE_TIMEOUT)
+        except BlockingIOError:
+            return True  # busy: still there
+        if channel is None:
+            return False
+        served = channel.peer_pid == pid
+        channel.close()
+        return served
 
     def address(self, app_name: str, instance: str = "default") -> str:
         """Where the endpoint for ``(app_name, instance)`` lives, claimed or not.

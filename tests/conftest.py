@@ -1,11 +1,28 @@
 """Shared fixtures: a private runtime directory and a unique app name per test, and
-helpers to run Python children that import the same dockpoint as the tests."""
+helpers to run Python children that import the same dockpoint as the tests.
+
+Session set-up (see ``pytest_configure``):
+
+- ``--simulate-macos-paths`` (or ``DOCKPOINT_TEST_MACOS_PATHS=1``): the POSIX backend
+  gets macOS's 103-byte ``sun_path`` and no ``/proc/self/fd`` alias, in this process and
+  in every Python child started through :func:`child_env` (a ``sitecustomize`` does it).
+- As root on Linux the session runs in a private mount namespace with fresh ``tmpfs``
+  mounts on ``/tmp`` and ``/run/user``, so the fallback-directory tests never meet what
+  other runs left there (``DOCKPOINT_TEST_SHARED_TMP=1`` turns this off).
+- ``DOCKPOINT_TEST_INSTALLED=1`` (set by the nox sessions): fail unless ``dockpoint``
+  comes from the installed package, not from the checkout.
+- With ``CI`` set, a skipped security test (``test_posix.py``, ``test_probe.py``) fails
+  the run unless it was skipped for not being root or for being on another OS.
+"""
 
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -19,6 +36,117 @@ import dockpoint
 WINDOWS = sys.platform == "win32"
 LINUX = sys.platform.startswith("linux")
 PACKAGE_ROOT = str(Path(dockpoint.__file__).resolve().parent.parent)
+CHECKOUT = Path(__file__).resolve().parent.parent
+#: A directory holding the ``sitecustomize`` that simulates macOS paths in children.
+SIMULATE_DIR = str(Path(__file__).resolve().parent / "simulate")
+MACOS_PATHS = "DOCKPOINT_TEST_MACOS_PATHS"
+#: Set once the session runs in its own mount namespace with a fresh /tmp.
+PRIVATE_TMP = False
+#: Skip reasons a security test may have: not root, or not this OS.
+ALLOWED_SKIP = re.compile(
+    r"needs root|not root|POSIX backend only|-only|only on |Linux binds|not this OS|"
+    r"on Windows|on Linux|on macOS",
+)
+SECURITY_FILES = ("test_posix.py", "test_probe.py")
+_SKIPPED: list[tuple[str, str]] = []
+#: The short basetemp this session made (removed when the session passes).
+_SHORT_BASE: str | None = None
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--simulate-macos-paths",
+        action="store_true",
+        help="POSIX backend: use macOS's 103-byte sun_path and no /proc/self/fd alias",
+    )
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    global PRIVATE_TMP, _SHORT_BASE
+    if os.environ.get("DOCKPOINT_TEST_INSTALLED") == "1":
+        where = Path(dockpoint.__file__).resolve()
+        if where.parent == CHECKOUT / "dockpoint":
+            raise pytest.UsageError(
+                f"dockpoint was imported from the checkout ({where}), not from the installed "
+                "package: run pytest from outside the repository (see noxfile.py)"
+            )
+    if config.getoption("--simulate-macos-paths"):
+        os.environ[MACOS_PATHS] = "1"
+    if os.environ.get(MACOS_PATHS) == "1" and not WINDOWS:
+        from dockpoint import _posix
+
+        _posix.SUN_PATH_MAX, _posix._PROC_ALIAS = 103, False
+    if LINUX and os.geteuid() == 0 and os.environ.get("DOCKPOINT_TEST_SHARED_TMP") != "1":
+        PRIVATE_TMP = _private_tmp()
+    if not WINDOWS and not config.option.basetemp:
+        # Short paths: macOS's default temporary directory alone is ~50 bytes, and a
+        # socket path may have only 103.
+        _SHORT_BASE = tempfile.mkdtemp(prefix="dp", dir="/tmp")
+        config.option.basetemp = _SHORT_BASE + "/t"
+
+
+def _private_tmp() -> bool:
+    """Move this process into its own mount namespace with fresh /tmp and /run/user.
+
+    What this process itself runs from under the old /tmp (the checkout, the virtual
+    environment, the working directory) is bind-mounted into the fresh /tmp at the same
+    path; everything else there, such as an old ``/tmp/dockpoint-<uid>``, is out of sight.
+    """
+    import ctypes
+
+    needed = {os.getcwd(), sys.prefix, sys.base_prefix, sys.executable, str(CHECKOUT)}
+    needed.update(p for p in sys.path if p)
+    needed.update(os.environ.get("PYTHONPATH", "").split(os.pathsep))
+    keep = sorted({p.split("/")[2] for p in needed if p.startswith("/tmp/") and len(p) > 5})
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def mount(source: str, target: str, kind: str | None, flags: int, data: str | None) -> None:
+        raw = [None if x is None else os.fsencode(x) for x in (source, target, kind, data)]
+        if libc.mount(raw[0], raw[1], raw[2], ctypes.c_ulong(flags), raw[3]) != 0:
+            err = ctypes.get_errno()
+            raise pytest.UsageError(f"mount {source} on {target}: {os.strerror(err)}")
+
+    ms_bind, ms_rec, ms_private = 0x1000, 0x4000, 0x40000
+    if libc.unshare(0x00020000) != 0:  # CLONE_NEWNS
+        return False
+    mount("none", "/", None, ms_rec | ms_private, None)
+    old_tmp = os.open("/tmp", os.O_RDONLY | os.O_DIRECTORY)  # this namespace's old /tmp
+    try:
+        mount("dockpoint-test", "/tmp", "tmpfs", 0, "mode=1777")
+        for name in keep:
+            source = f"/proc/self/fd/{old_tmp}/{name}"  # not a path: no canonicalizing
+            if os.path.isdir(source):
+                os.mkdir("/tmp/" + name)
+            else:
+                open("/tmp/" + name, "x").close()
+            mount(source, "/tmp/" + name, None, ms_bind | ms_rec, None)
+        if os.path.isdir("/run/user"):
+            mount("dockpoint-test", "/run/user", "tmpfs", 0, "mode=0755")
+    finally:
+        os.close(old_tmp)
+    os.chdir(os.getcwd())  # the same path, now resolved in this namespace
+    xdg = os.environ.get("XDG_RUNTIME_DIR", "")
+    if xdg.startswith("/run/user/") or xdg.startswith("/tmp/"):
+        os.makedirs(xdg, mode=0o700, exist_ok=True)  # hidden by the fresh mount
+    return True
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.skipped and report.nodeid.split("::")[0].endswith(SECURITY_FILES):
+        longrepr = report.longrepr
+        reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+        _SKIPPED.append((report.nodeid, reason))
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _SHORT_BASE is not None and exitstatus == 0:
+        shutil.rmtree(_SHORT_BASE, ignore_errors=True)
+    bad = [(node, why) for node, why in _SKIPPED if not ALLOWED_SKIP.search(why)]
+    if bad and os.environ.get("CI"):
+        lines = "\n".join(f"  {node}: {why}" for node, why in bad)
+        sys.stderr.write(f"\nsecurity tests skipped for a reason other than root/OS:\n{lines}\n")
+        session.exitstatus = 1
 
 
 def wine_version() -> str | None:
@@ -43,13 +171,24 @@ needs_real_windows_or_posix = pytest.mark.skipif(
 
 
 @pytest.fixture
-def runtime(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A private (0700) ``XDG_RUNTIME_DIR`` for this test and its children."""
-    rt = tmp_path / "rt"
-    rt.mkdir()
+def runtime(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A private (0700) ``XDG_RUNTIME_DIR`` for this test and its children, with a short
+    path (under ``/tmp`` on POSIX), so socket paths fit ``sun_path`` on every OS."""
+    if WINDOWS:
+        rt = tmp_path / "rt"
+        rt.mkdir()
+    else:
+        rt = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
+        if os.environ.get(MACOS_PATHS) == "1":
+            # Too long for macOS's sun_path even with a hashed socket name: every endpoint
+            # of the test takes the short fallback location.
+            rt = rt / ("long-runtime-dir-" + "x" * 90)
+            rt.mkdir()
     os.chmod(rt, 0o700)
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(rt))
-    return rt
+    yield rt
+    if not WINDOWS:
+        shutil.rmtree(rt if rt.parent == Path("/tmp") else rt.parent, ignore_errors=True)
 
 
 @pytest.fixture
@@ -58,9 +197,19 @@ def app(runtime: Path) -> str:
     return "t" + uuid.uuid4().hex[:16]
 
 
+def claimed(app: str, instance: str = "default") -> dockpoint.Dockpoint:
+    """``claim`` that must succeed: a ``None`` fails the test here, with a clear message
+    (``with dockpoint.claim(app) as dp`` would fail on ``None.__enter__`` instead)."""
+    dp = dockpoint.claim(app, instance)
+    assert dp is not None, f"claim({app!r}, {instance!r}) returned None"
+    return dp
+
+
 def child_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = PACKAGE_ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    if env.get(MACOS_PATHS) == "1":
+        env["PYTHONPATH"] = SIMULATE_DIR + os.pathsep + env["PYTHONPATH"]
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra)
     return env

@@ -570,11 +570,22 @@ def test_burst_against_slow_daemon(env: dict[str, str], app: str, daemons: Daemo
 # --------------------------------------------------------------------------- status
 
 
+def status_fields(result: subprocess.CompletedProcess[bytes]) -> dict[str, str]:
+    """``status``'s "key  value" lines as a dict."""
+    fields = {}
+    for line in result.stdout.decode().splitlines():
+        key, _, value = line.partition(" ")
+        fields[key] = value.strip()
+    return fields
+
+
 def test_status_nothing(env: dict[str, str], app: str, runtime: Path) -> None:
     result = cli(env, "status", app)
     assert result.returncode == 1, result
-    assert b"nobody is there" in result.stdout
-    assert dockpoint.address(app).encode() in result.stdout
+    fields = status_fields(result)
+    assert fields["state"] == "absent", fields
+    assert fields["address"] == dockpoint.address(app)
+    assert "start the daemon" in fields["reason"]
     assert result.stderr == b""
     assert os.listdir(runtime) == [], "status created files"
 
@@ -586,9 +597,8 @@ def test_status_live_daemon(env: dict[str, str], app: str, servers: list[Server]
     result = cli(env, "status", app)
     assert result.returncode == 0, result
     pid = server.proc.pid
-    assert b"answering, pid %d" % pid in result.stdout
-    if POSIX:
-        assert b"held by pid %d" % pid in result.stdout
+    fields = status_fields(result)
+    assert (fields["state"], fields["pid"]) == ("listening", str(pid)), fields
     assert result.stderr == b""
     # The probe (connect, then close without a word) leaves the daemon serving.
     reply = cli(env, "send", app, "still there", "--no-spawn")
@@ -605,8 +615,7 @@ def test_status_after_clean_stop(env: dict[str, str], app: str, servers: list[Se
     assert server.proc.wait(CLI_TIMEOUT) == 0
     result = cli(env, "status", app)
     assert result.returncode == 1, result
-    assert b"claim      free\n" in result.stdout
-    assert b"stale" not in result.stdout
+    assert status_fields(result)["state"] == "absent"
     directory, lock_name, _ = endpoint_files(app)
     assert os.listdir(directory) == [lock_name]
     assert (directory / lock_name).read_bytes() == b""
@@ -627,11 +636,10 @@ def test_status_stale(env: dict[str, str], app: str, servers: list[Server]) -> N
 
     result = cli(env, "status", app)
     assert result.returncode == 1, result
-    out = result.stdout.decode()
-    assert f"the lock file names pid {server.proc.pid}, which is gone" in out
-    assert "socket     stale" in out
-    assert f"{leftover}: stale" in out
-    assert dockpoint.address(app) in out
+    fields = status_fields(result)
+    assert (fields["state"], fields["pid"]) == ("stale", str(server.proc.pid)), fields
+    assert f"pid {server.proc.pid}) that is gone" in fields["reason"]
+    assert fields["address"] == dockpoint.address(app)
     # status looks without touching: the next claim still finds the same state.
     assert (directory / lock_name).read_bytes() == lock_before
     assert sorted(os.listdir(directory)) == sorted([lock_name, sock_name, leftover.name])
@@ -671,7 +679,7 @@ def test_status_unsafe_directory(env: dict[str, str], app: str, runtime: Path, h
     directory = make_unsafe(runtime, how)
     result = cli(env, "status", app)
     assert_clean_error(result, "unsafe directory", str(directory))
-    assert b"UNSAFE" in result.stdout
+    assert status_fields(result)["state"] == "unsafe"
 
 
 @posix_only
@@ -696,6 +704,175 @@ def test_status_unsafe_runtime_dir(env: dict[str, str], app: str, runtime: Path)
     os.chmod(runtime, 0o755)
     result = cli(env, "status", app)
     assert_clean_error(result, "unsafe directory", str(runtime))
+
+
+@posix_only
+@pytest.mark.parametrize("how", ["missing", "file", "unsafe"])
+def test_broken_runtime_dir_is_named(
+    env: dict[str, str], app: str, runtime: Path, how: str
+) -> None:
+    """serve and status say in one line what is wrong with XDG_RUNTIME_DIR; exit 2."""
+    target = runtime / "xdg"
+    if how == "file":
+        target.write_text("")
+    elif how == "unsafe":
+        target.mkdir(mode=0o755)
+        os.chmod(target, 0o755)
+    env = dict(env, XDG_RUNTIME_DIR=str(target))
+    want = {"missing": "does not exist", "file": "not a directory", "unsafe": "mode 0755"}[how]
+    for args in (["serve", app], ["status", app]):
+        result = cli(env, *args)
+        assert_clean_error(result, "XDG_RUNTIME_DIR", want, str(target))
+        assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert not (runtime / "xdg" / "dockpoint").exists()
+
+
+# --------------------------------------------------------------------------- stop
+
+
+@posix_only
+def test_stop_a_serving_daemon(env: dict[str, str], app: str, servers: list[Server]) -> None:
+    server = Server(env, app)
+    servers.append(server)
+    server.wait_ready()
+    result = cli(env, "stop", app)
+    assert result.returncode == 0, result
+    assert b"stopped %s (pid %d " % (endpoint_stem(app, "default").encode(), server.proc.pid) in (
+        result.stdout
+    )
+    assert server.proc.wait(CLI_TIMEOUT) == 0  # SIGTERM: serve released and exited cleanly
+    assert server.out.wait_eof(CLI_TIMEOUT)
+    assert b"dockpoint: stopped" in server.out.data
+    assert dockpoint.probe(app).state == "absent"
+    again = cli(env, "stop", app)
+    assert again.returncode == 1, again
+    assert b"nothing to stop" in again.stdout
+
+
+def test_stop_on_every_os(env: dict[str, str], app: str, servers: list[Server]) -> None:
+    """POSIX: SIGTERM, and serve exits cleanly; Windows: TerminateProcess. Either way the
+    endpoint is free afterwards and a second stop finds nothing."""
+    server = Server(env, app)
+    servers.append(server)
+    server.wait_ready()
+    result = cli(env, "stop", app)
+    assert result.returncode == 0, result
+    assert b"pid %d released the claim" % server.proc.pid in result.stdout
+    server.proc.wait(CLI_TIMEOUT)
+    assert dockpoint.probe(app).state == "absent"
+    again = cli(env, "stop", app)
+    assert again.returncode == 1, again
+    assert b"nothing to stop" in again.stdout
+
+
+STUBBORN = """
+import dockpoint, signal, sys
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+dp = dockpoint.claim(sys.argv[1])
+print("claimed", flush=True)
+sys.stdin.readline()
+"""
+
+
+@posix_only
+def test_stop_a_holder_that_ignores_sigterm(env: dict[str, str], app: str) -> None:
+    holder = subprocess.Popen(
+        [sys.executable, "-c", STUBBORN, app],
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"claimed\n"
+        result = cli(env, "stop", app, "--timeout", "0.3")
+        assert result.returncode == 3, result
+        assert b"still holds" in result.stderr and b"Traceback" not in result.stderr
+        assert holder.poll() is None
+        assert dockpoint.claim(app) is None  # still held
+    finally:
+        holder.kill()
+        holder.wait(CLI_TIMEOUT)
+        for stream in (holder.stdin, holder.stdout):
+            if stream is not None:
+                stream.close()
+
+
+@posix_only
+def test_stop_never_signals_a_pid_that_does_not_hold_the_claim(
+    env: dict[str, str], app: str
+) -> None:
+    """A lock file naming a live process that has the lock file open but does not hold
+    the lock (and no socket to ask who serves): nothing is sent to it or to the holder."""
+    started: list[subprocess.Popen[bytes]] = []
+    try:
+        holder = subprocess.Popen(
+            [sys.executable, "-c", STUBBORN.replace("signal.SIG_IGN", "signal.SIG_DFL"), app],
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        started.append(holder)
+        assert holder.stdout is not None and holder.stdout.readline() == b"claimed\n"
+        directory, lock_name, sock_name = endpoint_files(app)
+        opener = "import sys; f = open(sys.argv[1]); print('open', flush=True); sys.stdin.read()"
+        bystander = subprocess.Popen(
+            [sys.executable, "-c", opener, str(directory / lock_name)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        started.append(bystander)
+        assert bystander.stdout is not None and bystander.stdout.readline() == b"open\n"
+        (directory / lock_name).write_bytes(b"%d\n" % bystander.pid)
+        os.unlink(directory / sock_name)  # no peer to ask who serves
+        result = cli(env, "stop", app, "--timeout", "1")
+        assert result.returncode == 1, result
+        assert bystander.poll() is None and holder.poll() is None
+    finally:
+        for proc in started:
+            proc.kill()
+            proc.wait(CLI_TIMEOUT)
+            for stream in (proc.stdin, proc.stdout):
+                if stream is not None:
+                    stream.close()
+
+
+# --------------------------------------------------------------------------- detached
+
+
+@pytest.mark.skipif(not LINUX, reason="reads /proc/<pid>/fd: Linux-only")
+def test_spawned_daemon_is_detached(env: dict[str, str], app: str, daemons: Daemons) -> None:
+    """The daemon ``send`` starts has its own session and process group, its standard
+    streams on the null device, and none of the frontend's descriptors."""
+    read_end, write_end = os.pipe()  # an inheritable descriptor of the frontend
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "dockpoint", "send", app, "hi"],
+            env=env,
+            capture_output=True,
+            timeout=CLI_TIMEOUT,
+            pass_fds=(write_end,),
+            check=False,
+        )
+        assert result.returncode == 0, result
+        pid = reply_pid(result.stdout, "hi")
+        daemons.add(pid)
+        assert os.getsid(pid) == pid, "the daemon is not a session leader"
+        assert os.getpgid(pid) == pid, "the daemon is not its own process group leader"
+        assert os.getsid(pid) != os.getsid(0)
+        ours = os.fstat(write_end)
+        links = {}
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                links[int(fd)] = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except FileNotFoundError:
+                continue
+        for fd in (0, 1, 2):
+            assert links.get(fd) == os.devnull, (fd, links)
+        assert f"pipe:[{ours.st_ino}]" not in links.values(), links
+        assert write_end not in links or links[write_end] != f"pipe:[{ours.st_ino}]"
+    finally:
+        os.close(read_end)
+        os.close(write_end)
 
 
 # --------------------------------------------------------------------------- serve
@@ -743,7 +920,7 @@ def test_help(env: dict[str, str]) -> None:
     assert text.startswith("usage: python -m dockpoint ")
     for word in ("serve", "send", "status", "exit status", "send demo hello"):
         assert word in text
-    for command in ("serve", "send", "status"):
+    for command in ("serve", "send", "status", "stop"):
         result = cli(env, command, "--help")
         assert result.returncode == 0
         assert f"usage: python -m dockpoint {command} ".encode() in result.stdout

@@ -41,7 +41,7 @@ def recipe_files() -> dict[str, str]:
 def running(pid: int) -> bool:
     """Whether ``pid`` runs; a zombie does not (some containers never reap orphans)."""
     if sys.platform == "win32":
-        return False  # os.kill(pid, 0) would terminate it; TerminateProcess has done so
+        return _windows_running(pid)  # os.kill(pid, 0) would terminate it
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -51,6 +51,26 @@ def running(pid: int) -> bool:
             return f.read().rpartition(b")")[2].split()[0] not in (b"Z", b"X")
     except OSError:  # no /proc (macOS, BSD)
         return True
+
+
+def _windows_running(pid: int) -> bool:
+    import ctypes
+    from ctypes import wintypes
+
+    k32 = ctypes.WinDLL("kernel32", use_last_error=True)  # type: ignore[attr-defined]
+    k32.OpenProcess.argtypes = [wintypes.DWORD, wintypes.BOOL, wintypes.DWORD]
+    k32.OpenProcess.restype = wintypes.HANDLE
+    k32.WaitForSingleObject.argtypes = [wintypes.HANDLE, wintypes.DWORD]
+    k32.WaitForSingleObject.restype = wintypes.DWORD
+    k32.CloseHandle.argtypes = [wintypes.HANDLE]
+    k32.CloseHandle.restype = wintypes.BOOL
+    handle = k32.OpenProcess(0x00100000, False, pid)  # SYNCHRONIZE
+    if not handle:
+        return False  # no such process
+    try:
+        return bool(k32.WaitForSingleObject(handle, 0) == 0x102)  # WAIT_TIMEOUT: still runs
+    finally:
+        k32.CloseHandle(handle)
 
 
 def gone(pid: int, timeout: float) -> bool:
