@@ -15,10 +15,10 @@ doing 100 round trips of a 64-byte message, against
 
 Both daemons echo with the same handler and run for the whole benchmark in their own
 processes; the clients of each round run in this process, in one event loop. Method: ONE
-run, one warm-up round per side, then ``--reps`` rounds (default 7) interleaved
-in alternating order (dockpoint raw, raw dockpoint, ...); throughput is round trips per second over the whole
-round (connects included); the ratio is the median of the per-round ratios
-dockpoint/raw (target: at least 0.9).
+run, one warm-up round per side, then ``--reps`` rounds (default 7) interleaved in
+alternating order (dockpoint raw, raw dockpoint, ...); throughput is round trips per
+second over the whole round (connects included); the ratio is the median of the per-round
+ratios dockpoint/raw (target: at least 0.9).
 
 ``--pin`` (Linux) chooses the CPU layout: ``same`` (default; clients and daemons share one
 CPU, so a busy or small machine's scheduler does not decide the result), ``split``
