@@ -104,6 +104,7 @@ class Server:
         # the original, so closing the endpoint stays Dockpoint.close.
         self._watch = socket.socket(fileno=os.dup(endpoint.fileno()))
         self._serving = False
+        self._closed = False
         self._retry: asyncio.TimerHandle | None = None
         self._clients: WeakSet[asyncio.BaseTransport] = WeakSet()
         self._active = 0  # accepted connections not yet ended
@@ -125,8 +126,11 @@ class Server:
                 conn = endpoint.accept(timeout=0)
             except TimeoutError:
                 return
-            except DockpointClosedError:
-                self._stop_watching()
+            except DockpointClosedError as exc:  # the claim was lost: serve_forever raises it
+                forever = self._forever
+                if forever is not None and not forever.done():
+                    forever.set_exception(exc)
+                self.close()
                 return
             except OSError as exc:  # out of descriptors, say: pause, as asyncio does
                 self._stop_watching()
@@ -184,12 +188,12 @@ class Server:
 
     def _check_idle(self) -> None:
         idle = self._idle
-        if idle is not None and self._active == 0 and self.closed and not idle.done():
+        if idle is not None and self._active == 0 and self._closed and not idle.done():
             idle.set_result(None)
 
     def _start_watching(self) -> None:
         self._retry = None
-        if not self._serving and not self._endpoint.closed:
+        if not self._serving and not self._closed:
             self._loop.add_reader(self._watch.fileno(), self._ready)
             self._serving = True
 
@@ -204,8 +208,9 @@ class Server:
         Clients still waiting in the OS's queue see end of stream unserved (they may
         connect again, to the next holder); :meth:`serve_forever` returns.
         """
-        if self._endpoint.closed:
+        if self._closed:
             return
+        self._closed = True
         self._stop_watching()
         if self._retry is not None:
             self._retry.cancel()
@@ -236,7 +241,7 @@ class Server:
     @property
     def closed(self) -> bool:
         """``True`` once :meth:`close` has been called."""
-        return self._endpoint.closed
+        return self._closed
 
     def is_serving(self) -> bool:
         """Whether new clients are being accepted."""
@@ -248,7 +253,7 @@ class Server:
 
     async def start_serving(self) -> None:
         """Start accepting, if ``start_server(..., start_serving=False)`` made the server."""
-        if self._endpoint.closed:
+        if self._closed:
             raise RuntimeError(f"{self!r} is closed")
         self._start_watching()
 
@@ -257,8 +262,10 @@ class Server:
         releases the claim), as :meth:`asyncio.Server.serve_forever` does.
 
         :raises RuntimeError: the server is closed, or ``serve_forever`` already runs.
+        :raises DockpointClosedError: the endpoint stopped working under the server (its
+            :meth:`dockpoint.Dockpoint.accept` raised it); the server is closed.
         """
-        if self._endpoint.closed:
+        if self._closed:
             raise RuntimeError(f"{self!r} is closed")
         if self._forever is not None:
             raise RuntimeError(f"{self!r} is already being awaited on serve_forever()")
