@@ -551,6 +551,18 @@ if sys.platform == "win32":
 
         fileno = no_fileno  # a named pipe cannot be selected
 
+        def detach(self) -> int:
+            """Hand the pipe handle over (to an event loop's transport), closing the rest."""
+            with self._mutex:
+                if self._closed or self._busy:
+                    raise _closed_error()
+                self._closed = True
+            for op in self._ops:
+                op.close()
+            self._ops.clear()
+            CloseHandle(self._wake)
+            return self._pipe
+
     class _Listener:
         """The claimed pipe. Invariant: while no thread is in ``accept`` the pool ``_free``
         holds a listening instance, and while some are, each waits on its own instance;

@@ -38,15 +38,23 @@ import asyncio
 import os
 import socket
 import sys
+import threading
 from weakref import WeakSet
 
-from ._common import BUSY_GRACE, Dockpoint, DockpointClosedError, check_timeout, endpoint_stem
+from ._common import (
+    BUSY_GRACE,
+    Dockpoint,
+    DockpointClosedError,
+    DockpointConnection,
+    check_timeout,
+    endpoint_stem,
+)
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # pragma: no cover
     from collections.abc import Awaitable, Callable
     from types import TracebackType
-    from typing import Union
+    from typing import Any, Union
 
     from typing_extensions import Self
 
@@ -62,9 +70,86 @@ def _unsupported() -> OSError:
 
     return OSError(
         errno.ENOTSUP,
-        "dockpoint.aio supports POSIX event loops only so far; on Windows use the blocking "
-        "API (dockpoint.claim / dockpoint.connect) in threads",
+        "dockpoint.aio on Windows needs asyncio's proactor event loop (the default one); "
+        "this loop has no named-pipe support",
     )
+
+
+def _proactor(loop: asyncio.AbstractEventLoop) -> Any:
+    """The loop's named-pipe transport factory (Windows' ProactorEventLoop)."""
+    make = getattr(loop, "_make_duplex_pipe_transport", None)
+    if make is None or getattr(loop, "_proactor", None) is None:
+        raise _unsupported()
+    return make
+
+
+def _pipe_transport(
+    loop: asyncio.AbstractEventLoop,
+    conn: DockpointConnection,
+    protocol: asyncio.BaseProtocol,
+    waiter: asyncio.Future[None] | None,
+) -> asyncio.BaseTransport:
+    """Windows: move ``conn``'s pipe handle into a proactor transport of ``loop``.
+
+    asyncio internals used: ``loop._make_duplex_pipe_transport`` (what
+    ``loop.connect_pipe`` and ``start_serving_pipe`` use) and
+    ``asyncio.windows_utils.PipeHandle``; the proactor associates the handle with its
+    completion port on the first read.
+    """
+    if sys.platform != "win32":
+        raise _unsupported()
+    from asyncio import windows_utils
+
+    make = _proactor(loop)
+    channel: Any = conn._ch  # the Windows backend's channel: it has detach()
+    conn._ch = None
+    if channel is None:
+        raise DockpointClosedError(9, "DockpointConnection is closed")
+    handle = windows_utils.PipeHandle(channel.detach())
+    try:
+        transport: asyncio.BaseTransport = make(
+            handle, protocol, waiter, extra={"peer_pid": conn.peer_pid}
+        )
+    except BaseException:
+        handle.close()
+        raise
+    return transport
+
+
+async def _open_pipe(
+    app_name: str, instance: str, timeout: float | None, limit: int
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+    """Windows: :func:`dockpoint.connect` in a thread (its waits block), then streams."""
+    from . import connect
+
+    loop = asyncio.get_running_loop()
+    _proactor(loop)
+    dialing = loop.run_in_executor(None, lambda: connect(app_name, instance, timeout=timeout))
+    try:
+        conn = await asyncio.shield(dialing)
+    except asyncio.CancelledError:  # the connect still runs: close what it brings
+
+        def close(done: asyncio.Future[DockpointConnection | None]) -> None:
+            if not done.cancelled() and done.exception() is None:
+                got = done.result()
+                if got is not None:
+                    got.close()
+
+        dialing.add_done_callback(close)
+        raise
+    if conn is None:
+        return None
+    reader = asyncio.StreamReader(limit=limit, loop=loop)
+    protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+    waiter: asyncio.Future[None] = loop.create_future()
+    transport = _pipe_transport(loop, conn, protocol, waiter)
+    try:
+        await waiter
+    except BaseException:
+        transport.close()
+        raise
+    assert isinstance(transport, asyncio.WriteTransport)
+    return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
 
 
 class _Protocol(asyncio.StreamReaderProtocol):
@@ -100,9 +185,14 @@ class Server:
         self._callback = callback
         self._limit = limit
         self._loop = asyncio.get_running_loop()
-        # The loop waits on its own descriptor of the claimed socket; the endpoint keeps
-        # the original, so closing the endpoint stays Dockpoint.close.
-        self._watch = socket.socket(fileno=os.dup(endpoint.fileno()))
+        if sys.platform == "win32":
+            _proactor(self._loop)
+            self._watch = None
+            self._acceptor: threading.Thread | None = None
+        else:
+            # The loop waits on its own descriptor of the claimed socket; the endpoint
+            # keeps the original, so closing the endpoint stays Dockpoint.close.
+            self._watch = socket.socket(fileno=os.dup(endpoint.fileno()))
         self._serving = False
         self._closed = False
         self._retry: asyncio.TimerHandle | None = None
@@ -193,14 +283,75 @@ class Server:
 
     def _start_watching(self) -> None:
         self._retry = None
-        if not self._serving and not self._closed:
+        if self._serving or self._closed:
+            return
+        self._serving = True
+        if self._watch is not None:
             self._loop.add_reader(self._watch.fileno(), self._ready)
-            self._serving = True
+        elif self._acceptor is None:  # Windows: one thread waits in the blocking accept
+            self._acceptor = threading.Thread(
+                target=self._accept_pipes, name=f"dockpoint.aio {self.address}", daemon=True
+            )
+            self._acceptor.start()
 
     def _stop_watching(self) -> None:
         if self._serving:
-            self._loop.remove_reader(self._watch.fileno())
+            if self._watch is not None:
+                self._loop.remove_reader(self._watch.fileno())
             self._serving = False
+
+    # Windows: a named pipe cannot be watched for readiness, so a thread of the server's
+    # own (not the loop's executor, and no task) sits in Dockpoint.accept for the server's
+    # whole life: its pipe instances, security descriptor and checks are the blocking
+    # API's. Each client is handed to the loop with call_soon_threadsafe; close() wakes
+    # the thread as it wakes any thread in accept().
+    def _accept_pipes(self) -> None:
+        endpoint, loop = self._endpoint, self._loop
+        while True:
+            try:
+                conn = endpoint.accept()
+            except DockpointClosedError as exc:
+                try:
+                    loop.call_soon_threadsafe(self._lost, exc)
+                except RuntimeError:  # the loop is closed
+                    pass
+                return
+            except BaseException as exc:
+                try:
+                    loop.call_soon_threadsafe(self._failed, exc)
+                except RuntimeError:
+                    pass
+                return
+            try:
+                loop.call_soon_threadsafe(self._adopt_pipe, conn)
+            except RuntimeError:  # the loop is closed: nobody can serve it
+                conn.close()
+                return
+
+    def _lost(self, exc: DockpointClosedError) -> None:
+        if not self._closed:  # not our own close(): the endpoint stopped under us
+            forever = self._forever
+            if forever is not None and not forever.done():
+                forever.set_exception(exc)
+            self.close()
+
+    def _failed(self, exc: BaseException) -> None:
+        self._loop.call_exception_handler(
+            {"message": "dockpoint.aio: accept failed; the server stops", "exception": exc}
+        )
+        forever = self._forever
+        if forever is not None and not forever.done():
+            forever.set_exception(exc)
+        self.close()
+
+    def _adopt_pipe(self, conn: DockpointConnection) -> None:
+        self._active += 1
+        protocol = _Protocol(self, asyncio.StreamReader(limit=self._limit, loop=self._loop))
+        try:
+            _pipe_transport(self._loop, conn, protocol, None)
+        except BaseException:
+            self._ended(protocol)
+            raise
 
     def close(self) -> None:
         """Stop accepting and release the claim. Closing again does nothing.
@@ -215,7 +366,8 @@ class Server:
         if self._retry is not None:
             self._retry.cancel()
             self._retry = None
-        self._watch.close()
+        if self._watch is not None:
+            self._watch.close()
         self._endpoint.close()  # unlink and unlock, as Dockpoint.close always does
         forever, self._forever = self._forever, None
         if forever is not None and not forever.done():
@@ -337,8 +489,6 @@ async def start_server(
             f"client_connected_cb must be callable, not {type(client_connected_cb).__name__}"
         )
     endpoint_stem(app_name, instance)  # argument errors before anything else
-    if sys.platform == "win32":
-        raise _unsupported()
     from . import claim
 
     asyncio.get_running_loop()  # outside a running loop: RuntimeError before the claim
@@ -384,7 +534,7 @@ async def open_connection(
     stem = endpoint_stem(app_name, instance)
     timeout = check_timeout(timeout)
     if sys.platform == "win32":
-        raise _unsupported()
+        return await _open_pipe(app_name, instance, timeout, limit)
     sock = await _dial(stem, timeout)
     if sock is None:
         return None
