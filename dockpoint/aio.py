@@ -491,7 +491,9 @@ async def start_server(
     endpoint_stem(app_name, instance)  # argument errors before anything else
     from . import claim
 
-    asyncio.get_running_loop()  # outside a running loop: RuntimeError before the claim
+    loop = asyncio.get_running_loop()  # outside a running loop: RuntimeError before the claim
+    if sys.platform == "win32":
+        _proactor(loop)  # a loop without named pipes: refused before the claim
     # Nothing below suspends, so a cancellation cannot land between claim and return.
     endpoint = claim(app_name, instance)
     if endpoint is None:

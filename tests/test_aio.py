@@ -27,6 +27,7 @@ import pytest
 from conftest import Child, child_env, run_python
 
 import dockpoint
+import dockpoint.aio
 from dockpoint import DockpointClosedError
 
 if TYPE_CHECKING:
@@ -38,13 +39,15 @@ if TYPE_CHECKING:
 WINDOWS = sys.platform == "win32"
 ROOT = not WINDOWS and os.geteuid() == 0
 NOBODY = 65534
-posix_only = pytest.mark.skipif(WINDOWS, reason="dockpoint.aio is POSIX-only so far")
+posix_only = pytest.mark.skipif(WINDOWS, reason="POSIX only (files, users, signals)")
+wine_undiagnosed = pytest.mark.skipif(
+    WINDOWS,
+    reason="Windows: fails under Wine 8 (claim right after the server closes gives None); "
+    "not yet diagnosed",
+)
 as_root = pytest.mark.skipif(not ROOT, reason="needs root to become another user (uid 65534)")
 SEED = int(os.environ.get("DOCKPOINT_TEST_SEED", "20261201"))
 README = Path(__file__).resolve().parent.parent / "README.md"
-
-if not WINDOWS:
-    import dockpoint.aio
 
 
 def run(coro: Awaitable[T], timeout: float = 60.0) -> T:
@@ -57,7 +60,9 @@ def run(coro: Awaitable[T], timeout: float = 60.0) -> T:
 
 
 def open_fds() -> set[int]:
-    """This process's open descriptors (POSIX)."""
+    """This process's open descriptors (POSIX; Windows: nothing to compare, empty)."""
+    if WINDOWS:
+        return set()
     where = "/proc/self/fd" if os.path.isdir("/proc/self/fd") else "/dev/fd"
     fds = set()
     for name in os.listdir(where):
@@ -87,7 +92,6 @@ def test_import_dockpoint_does_not_load_asyncio() -> None:
     assert (done.returncode, done.stdout.strip()) == (0, "False"), done.stderr
 
 
-@posix_only
 def test_server_and_client_round_trip_and_release(app: str) -> None:
     async def main() -> None:
         assert await dockpoint.aio.open_connection(app) is None  # nobody there
@@ -114,7 +118,9 @@ def test_server_and_client_round_trip_and_release(app: str) -> None:
                 reader_done = asyncio.get_running_loop().run_in_executor(None, conn.read, 100)
                 assert await reader_done == b"blocking\n"
         assert server.closed and not server.is_serving()
-        assert not os.path.exists(server.address)  # removed, as Dockpoint.close removes it
+        assert WINDOWS or not os.path.exists(
+            server.address
+        )  # removed, as Dockpoint.close removes it
         again = dockpoint.claim(app)  # and the claim is free
         assert again is not None
         again.close()
@@ -124,7 +130,6 @@ def test_server_and_client_round_trip_and_release(app: str) -> None:
     assert open_fds() == before
 
 
-@posix_only
 def test_server_works_with_blocking_clients_and_serve_forever_ends_on_close(app: str) -> None:
     async def main() -> None:
         server = await dockpoint.aio.start_server(echo_line, app, start_serving=False)
@@ -151,7 +156,6 @@ def test_server_works_with_blocking_clients_and_serve_forever_ends_on_close(app:
     run(main())
 
 
-@posix_only
 def test_argument_errors(app: str) -> None:
     async def main() -> None:
         with pytest.raises(TypeError, match="callable"):
@@ -173,7 +177,6 @@ def test_argument_errors(app: str) -> None:
     run(main())
 
 
-@posix_only
 def test_open_connection_timeout_waits_for_a_server_that_comes(app: str) -> None:
     async def main() -> None:
         connecting = asyncio.ensure_future(dockpoint.aio.open_connection(app, timeout=20))
@@ -233,7 +236,6 @@ def test_open_connection_waits_for_a_busy_daemon_instead_of_saying_none(app: str
 # --------------------------------------------------------------------------- many clients
 
 
-@posix_only
 def test_many_concurrent_clients_are_served_exactly_once(app: str) -> None:
     clients = 400
     seen: Counter[bytes] = Counter()
@@ -367,6 +369,8 @@ async def one_round(app: str, rng: random.Random, clients: int, ledger: Ledger) 
             with pytest.raises(asyncio.CancelledError):
                 await serving
             assert server.closed  # cancelling serve_forever closed it
+            if WINDOWS:  # the pipe name lives until the connections it accepted end
+                await server.wait_closed()
             ledger.generation += 1
             ledger.restarts += 1
             again = await dockpoint.aio.start_server(handle, app)
@@ -394,7 +398,7 @@ async def one_round(app: str, rng: random.Random, clients: int, ledger: Ledger) 
         await asyncio.sleep(0)
 
 
-@posix_only
+@wine_undiagnosed
 def test_cancelling_connects_reads_and_serve_forever_loses_no_client(app: str) -> None:
     rounds, clients = 100, 30
     totals = Ledger()
@@ -411,7 +415,7 @@ def test_cancelling_connects_reads_and_serve_forever_loses_no_client(app: str) -
             setattr(totals, name, getattr(totals, name) + getattr(ledger, name))
         totals.restarts += ledger.restarts
         assert open_fds() == before, f"round {r} leaked descriptors"
-        assert not os.path.exists(dockpoint.address(f"{app}-{r}"))
+        assert WINDOWS or not os.path.exists(dockpoint.address(f"{app}-{r}"))
     # The random points must really have hit every kind of cancellation.
     assert totals.cancelled_connects > 0 and totals.cancelled_reads > 0
     assert totals.restarts > rounds and totals.unserved + totals.abandoned > 0
@@ -423,7 +427,7 @@ def test_cancelling_connects_reads_and_serve_forever_loses_no_client(app: str) -
     )
 
 
-@posix_only
+@wine_undiagnosed
 def test_cancelled_start_server_keeps_no_claim(app: str) -> None:
     async def main() -> None:
         for steps in range(4):
@@ -449,7 +453,6 @@ def test_cancelled_start_server_keeps_no_claim(app: str) -> None:
 # --------------------------------------------------------------------------- close wakes
 
 
-@posix_only
 def test_close_from_another_thread_wakes_pending_reads(app: str) -> None:
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -512,7 +515,6 @@ def test_close_from_another_thread_wakes_pending_reads(app: str) -> None:
     run(main())
 
 
-@posix_only
 def test_closing_the_daemons_writer_ends_a_blocking_clients_read(app: str) -> None:
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -710,7 +712,6 @@ def test_fileno_works_with_selectors(app: str) -> None:
 # --------------------------------------------------------------------------- threads
 
 
-@posix_only
 def test_many_threads_in_accept_serve_every_client_exactly_once(app: str) -> None:
     threads, clients = 8, 400
     seen: Counter[bytes] = Counter()
@@ -826,17 +827,21 @@ def test_readme_asyncio_example_runs(tmp_path: Path, runtime: Path, app: str) ->
         daemon.communicate(timeout=20)
 
 
-def test_aio_says_clearly_it_is_posix_only_on_windows(app: str) -> None:
-    if not WINDOWS:
-        pytest.skip("POSIX has dockpoint.aio")
-    from dockpoint import aio
-
+@pytest.mark.skipif(not WINDOWS, reason="Windows event loops only")
+def test_a_windows_loop_without_named_pipes_is_refused_clearly(app: str) -> None:
     async def main() -> None:
-        with pytest.raises(OSError) as info:
-            await aio.start_server(echo_line, app)
+        with pytest.raises(OSError, match="proactor") as info:
+            await dockpoint.aio.start_server(echo_line, app)
         assert info.value.errno == errno.ENOTSUP
-        with pytest.raises(OSError) as info:
-            await aio.open_connection(app)
+        with pytest.raises(OSError, match="proactor") as info:
+            await dockpoint.aio.open_connection(app)
         assert info.value.errno == errno.ENOTSUP
+        dp = dockpoint.claim(app)  # the refused start_server kept no claim
+        assert dp is not None
+        dp.close()
 
-    run(main())
+    loop = asyncio.SelectorEventLoop()
+    try:
+        loop.run_until_complete(asyncio.wait_for(main(), 60))
+    finally:
+        loop.close()
