@@ -16,6 +16,7 @@ from ._common import (
     DockpointClosedError,
     DockpointConnection,
     Probe,
+    SpawnError,
 )
 
 if sys.platform == "win32":
@@ -26,6 +27,7 @@ else:
 claim = _api.claim
 connect = _api.connect
 address = _api.address
+connect_or_spawn = _api.connect_or_spawn
 probe = _api.probe
 stop = _api.stop
 
@@ -39,10 +41,12 @@ __all__ = [
     "DockpointClosedError",
     "DockpointConnection",
     "Probe",
+    "SpawnError",
     "__version__",
     "address",
     "claim",
     "connect",
+    "connect_or_spawn",
     "probe",
     "stop",
 ]

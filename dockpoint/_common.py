@@ -14,6 +14,7 @@ from _weakref import ReferenceType, ref
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # pragma: no cover - names for type hints only, never imported at run time
+    from collections.abc import Callable, Mapping, Sequence
     from types import TracebackType
     from typing import Protocol
 
@@ -37,12 +38,19 @@ if TYPE_CHECKING:  # pragma: no cover - names for type hints only, never importe
         def fileno(self) -> int: ...  # io.UnsupportedOperation where the OS has none
         def close(self) -> None: ...
         def forget(self) -> None: ...
+        def handles(self) -> tuple[int, int]:
+            """The listening socket's and the lock's descriptors (POSIX) or handles
+            (Windows), to be inherited by a daemon that adopts the endpoint."""
 
     class Backend(Protocol):
         """What a backend module provides."""
 
         def locate(self, stem: str) -> str: ...
         def listen(self, stem: str) -> tuple[Listener, str] | None: ...
+        def adopt(self, stem: str) -> tuple[Listener, str] | None:
+            """The endpoint handed over by the spawning process (``connect_or_spawn``),
+            verified; ``None`` when none is handed over for ``stem``."""
+
         def dial(self, stem: str, timeout: float | None) -> Channel | None:
             """One attempt: ``None`` when nobody is there; ``BlockingIOError`` when the
             holder is alive but cannot take the connection yet."""
@@ -63,6 +71,7 @@ __all__ = [
     "DockpointClosedError",
     "DockpointConnection",
     "Probe",
+    "SpawnError",
     "check_timeout",
     "endpoint_stem",
     "no_fileno",
@@ -90,6 +99,28 @@ class DockpointClosedError(OSError):
 
     A subclass of :class:`OSError` whose ``errno`` is ``EBADF``, the same on every platform.
     """
+
+
+class SpawnError(ChildProcessError):
+    """The daemon that :func:`dockpoint.connect_or_spawn` started ended, or gave up the
+    endpoint it was handed, before it adopted it (a bad command, an import error, an early
+    exit).
+
+    :attr:`returncode` is its exit status (negative: the signal that ended it; ``None``
+    if it still runs), :attr:`stderr` the tail of what it wrote to its standard error
+    before adopting, :attr:`pid` its process id. The message holds all three.
+    """
+
+    def __init__(self, message: str, pid: int, returncode: int | None, stderr: str) -> None:
+        import errno
+
+        super().__init__(errno.ECHILD, message)
+        self.pid = pid
+        self.returncode = returncode
+        self.stderr = stderr
+
+    def __str__(self) -> str:
+        return str(self.strerror)  # the message, without "[Errno 10]"
 
 
 def _closed(what: str) -> DockpointClosedError:
@@ -563,8 +594,16 @@ class Api:
         :raises PermissionError: the endpoint directory is unsafe (owned by another user,
             a symlink, or open to group/others); the message names it.
         :raises FileExistsError: something that is not a socket sits at the endpoint path.
+
+        A daemon started by :func:`dockpoint.connect_or_spawn` adopts the endpoint that
+        the frontend claimed and handed over to it (after checking that it is this
+        endpoint and that this process holds its lock) instead of claiming anew.
         """
-        got = self._backend.listen(endpoint_stem(app_name, instance))
+        stem = endpoint_stem(app_name, instance)
+        backend = self._backend
+        got = backend.adopt(stem)
+        if got is None:
+            got = backend.listen(stem)
         if got is None:
             return None
         return Dockpoint(*got)
@@ -612,6 +651,67 @@ class Api:
                 return None
             time.sleep(min(pause, left))
             pause = min(pause * 2, 0.05)
+
+    def connect_or_spawn(
+        self,
+        app_name: str,
+        argv: Sequence[str | os.PathLike[str]],
+        instance: str = "default",
+        *,
+        timeout: float | None = 10.0,
+        log: str | os.PathLike[str] | None = None,
+        env: Mapping[str, str] | None = None,
+        on_spawn: Callable[[int], object] | None = None,
+    ) -> DockpointConnection:
+        """Connect to the daemon for ``(app_name, instance)``, starting it if nobody is there.
+
+        When nobody is there this call claims the endpoint itself, starts ``argv``
+        detached (its own session, standard input on the null device, no inherited
+        descriptors but the endpoint's) with the claimed endpoint handed over to it, and
+        connects at once: the connection waits in the endpoint's queue until the daemon,
+        whose :func:`dockpoint.claim` adopts the endpoint, accepts it. Of any number of
+        frontends racing, exactly one starts a daemon; the others connect to the endpoint
+        it holds. Returns once the daemon has adopted the endpoint.
+
+        :param argv: the daemon's command line, e.g. ``[sys.executable, "daemon.py"]``; the
+            daemon must call :func:`dockpoint.claim` for the same ``app_name`` and
+            ``instance``.
+        :param timeout: seconds to wait at most for a connection (``None``: for ever).
+        :param log: a file the daemon's standard output and error are appended to
+            (created ``0600``); by default they go to the null device once the daemon has
+            adopted the endpoint (its earlier error output is kept for :class:`SpawnError`).
+        :param env: the daemon's environment (default: this process's).
+        :param on_spawn: called with the daemon's process id right after it starts.
+        :returns: the connection to the daemon.
+        :raises SpawnError: the daemon ended (or let go of the endpoint) before adopting
+            it; the message gives its exit status and the tail of its error output.
+        :raises TimeoutError: no connection within ``timeout``; a daemon this call started
+            that had not adopted the endpoint by then is killed.
+        :raises TypeError: a name is not a ``str``, or ``argv`` is not a sequence of
+            strings or paths.
+        :raises ValueError: a name breaks the naming rules, or ``argv`` is empty.
+        :raises OSError: the daemon could not be started (e.g. ``FileNotFoundError`` for a
+            missing program), or the reasons :func:`claim` and :func:`connect` give.
+        """
+        stem = endpoint_stem(app_name, instance)
+        timeout = check_timeout(timeout)
+        if isinstance(argv, (str, bytes)) or not all(
+            isinstance(arg, (str, os.PathLike)) for arg in argv
+        ):
+            raise TypeError(
+                "argv must be a sequence of str or path arguments, "
+                "e.g. [sys.executable, 'daemon.py']"
+            )
+        if not argv:
+            raise ValueError("argv must name the daemon's program: it is empty")
+        conn = self.connect(app_name, instance)
+        if conn is not None:
+            return conn
+        from ._spawn import Request, connect_or_spawn
+
+        names = (app_name, instance, stem)
+        request = Request(self, names, list(argv), timeout, log=log, env=env, on_spawn=on_spawn)
+        return connect_or_spawn(request)
 
     def probe(
         self, app_name: str, instance: str = "default", *, timeout: float | None = PROBE_TIMEOUT

@@ -6,12 +6,14 @@ holder. Only the lock holder binds, renames or unlinks the socket path.
 
 from __future__ import annotations
 
+# The C module under the socket module: ``socket.py`` imports enum, selectors and more,
+# most of what ``import dockpoint`` would cost a frontend; dockpoint needs none of it.
+import _socket as socket
 import errno
 import os
 import select
-import socket
 import sys
-from stat import S_ISDIR, S_ISLNK, S_ISREG, S_ISSOCK
+from stat import S_ISDIR, S_ISFIFO, S_ISLNK, S_ISREG, S_ISSOCK
 from time import monotonic
 
 from ._common import Api, posix_directory, socket_filename
@@ -262,9 +264,11 @@ class _Listener:
         wake = self._wake_r
         while True:
             try:  # a client already waiting is taken at once; poll only to wait
-                conn, _ = self._sock.accept()
+                fd, _ = self._sock._accept()  # type: ignore[attr-defined]  # accept4, CLOEXEC
             except (BlockingIOError, ConnectionAbortedError):  # none yet, or it gave up
                 conn = None
+            else:
+                conn = socket.socket(fileno=fd)
             if conn is None:
                 if poller is None:  # one per call: poll objects cannot be shared by threads
                     poller = select.poll()
@@ -317,6 +321,10 @@ class _Listener:
                 fcntl.flock(self._lock, fcntl.LOCK_UN)  # also for copies a fork may hold
             finally:
                 self.forget()
+
+    def handles(self) -> tuple[int, int]:
+        """The listening socket's and the lock file's descriptors, for a hand-over."""
+        return self._sock.fileno(), self._lock
 
     def forget(self) -> None:
         """Close this process's descriptors only."""
@@ -560,7 +568,8 @@ def _knock(where: str, name: str, timeout: float | None) -> tuple[str, int | Non
         dfd = os.open(where, _DIR_FLAGS)
     try:
         target = _bind_directory(where, name, dfd) + "/" + name
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # _socket: no "with"
+        try:
             sock.settimeout(timeout)
             try:
                 sock.connect(target)
@@ -569,6 +578,8 @@ def _knock(where: str, name: str, timeout: float | None) -> tuple[str, int | Non
             except (BlockingIOError, socket.timeout):
                 return "timeout", None
             pid, peer_uid = _peer(sock)
+        finally:
+            sock.close()
     finally:
         if dfd is not None:
             os.close(dfd)
@@ -763,7 +774,151 @@ def _inspect(stem: str, timeout: float | None) -> tuple[str, str, int | None, st
     return state, address, pid, info, reason
 
 
+#: The environment variable that hands a claimed endpoint to a spawned daemon (see
+#: ``connect_or_spawn``): ``<stem>:<socket fd>:<lock fd>:<ready fd>:<stderr>``.
+HANDOVER = "DOCKPOINT_HANDOVER"
+
+
+def _adopt(stem: str, info: str | None = None) -> tuple[_Listener, str] | None:
+    """Adopt the endpoint ``stem`` handed over in the environment, after verifying it.
+
+    ``None`` when the environment hands over nothing for ``stem``, or when what it names
+    is not this endpoint, claimed by this process (then the caller claims as usual). The
+    variable is removed either way once it names ``stem``, so children never inherit it.
+    """
+    text = os.environ.get(HANDOVER)
+    if not text or text.partition(":")[0] != stem:
+        return None
+    del os.environ[HANDOVER]
+    fields = text.split(":")
+    if len(fields) != 5 or not all(f.isdigit() for f in fields[1:4]):
+        return None
+    sock_fd, lock_fd, ready_fd = int(fields[1]), int(fields[2]), int(fields[3])
+    uid = os.geteuid()
+    directory = _directory(check=True, uid=uid)
+    dfd = _open_directory(directory, uid)
+    fds = [dfd]
+    sock = None
+    try:
+        name = socket_filename(directory, stem, SUN_PATH_MAX)
+        if not _handed_over(sock_fd, lock_fd, dfd, (directory, stem, name)):
+            _close(fds)
+            return None
+        sock = socket.socket(fileno=sock_fd)
+        fds += os.pipe()
+        ino = os.lstat(name, dir_fd=dfd).st_ino
+        # Nothing may fail from here on: the descriptors are ours now.
+        os.set_inheritable(sock_fd, False)  # exec'd children inherit nothing
+        os.set_inheritable(lock_fd, False)
+        sock.setblocking(False)
+        sock.listen(_BACKLOG)  # again: clients' peer credentials now name this process
+        os.ftruncate(lock_fd, 0)
+        record = b"%d\n" % os.getpid()
+        if info is not None:
+            record += info.encode() + b"\n"
+        os.pwrite(lock_fd, record, 0)
+    except BaseException:
+        if sock is not None:
+            sock.detach()
+        _close(fds)
+        raise
+    listener = _Listener(sock, dfd, lock_fd, (fds[1], fds[2]), (name, ino))
+    _ready(ready_fd, fields[4])
+    return listener, directory + "/" + name
+
+
+def _handed_over(sock_fd: int, lock_fd: int, dfd: int, where: tuple[str, str, str]) -> bool:
+    """Whether ``sock_fd`` is the listening socket of the endpoint ``where`` (directory,
+    stem, socket name) and ``lock_fd`` its lock file, locked through this very open file
+    description."""
+    directory, stem, name = where
+    try:
+        return _our_socket(sock_fd, directory, name, dfd) and _our_lock(lock_fd, stem, dfd)
+    except OSError:  # EBADF (not open here), ENOTSOCK, ...
+        return False
+
+
+def _our_socket(fd: int, directory: str, name: str, dfd: int) -> bool:
+    if not S_ISSOCK(os.fstat(fd).st_mode) or not S_ISSOCK(os.lstat(name, dir_fd=dfd).st_mode):
+        return False
+    probe = socket.socket(fileno=os.dup(fd))
+    try:
+        bound = probe.getsockname()
+        if (
+            probe.family != socket.AF_UNIX
+            or probe.type != socket.SOCK_STREAM
+            or not probe.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+            or not isinstance(bound, str)
+        ):
+            return False
+    finally:
+        probe.close()
+    # Bound by listen() as <name>.new, then renamed into place (on Linux perhaps through
+    # the /proc/self/fd alias of the directory, with the frontend's descriptor number).
+    prefix, _, base = bound.rpartition("/")
+    alias = prefix.startswith("/proc/self/fd/") and prefix[14:].isdigit()
+    return base == name[:-5] + ".new" and (
+        prefix == directory or (alias and _needs_dirfd(directory, name))
+    )
+
+
+def _our_lock(fd: int, stem: str, dfd: int) -> bool:
+    import fcntl
+
+    st, path = os.fstat(fd), os.lstat(stem + ".lock", dir_fd=dfd)
+    if not S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+        return False
+    if (st.st_dev, st.st_ino) != (path.st_dev, path.st_ino):
+        return False
+    # Held, and through the inherited open file description: a fresh one cannot take the
+    # lock (someone holds it), the inherited one can (it has it already).
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+    other = os.open(stem + ".lock", flags, dir_fd=dfd)
+    try:
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pass
+    else:
+        return False  # nobody held it: not a claim handed over
+    finally:
+        os.close(other)  # also drops a lock it took
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False  # held through another open file description: someone else's claim
+    return True
+
+
+def _ready(ready_fd: int, stderr: str) -> None:
+    """Tell the spawning frontend the endpoint is adopted; stop its early-stderr capture."""
+    try:
+        st = os.fstat(2)
+        if stderr.isdigit() and S_ISFIFO(st.st_mode) and st.st_ino == int(stderr):
+            # fd 2 is the frontend's capture pipe, which it closes once told: point it at
+            # the null device first, so later writes never meet EPIPE (or SIGPIPE).
+            if sys.stderr is not None:
+                try:
+                    sys.stderr.flush()
+                except (OSError, ValueError):
+                    pass
+            null = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+            os.dup2(null, 2)  # fd 2 stays inheritable: dup2 clears close-on-exec
+            os.close(null)
+    except OSError:
+        pass
+    try:
+        if S_ISFIFO(os.fstat(ready_fd).st_mode):
+            try:
+                os.write(ready_fd, b"+")
+            finally:
+                os.close(ready_fd)
+    except OSError:
+        pass  # the frontend has gone: nothing to tell
+
+
 class _Backend:
+    adopt = staticmethod(_adopt)
+
     @staticmethod
     def locate(stem: str) -> str:
         uid = os.geteuid()
@@ -832,13 +987,19 @@ class _Backend:
     @staticmethod
     def dial(stem: str, timeout: float | None) -> _Channel | None:
         uid = os.geteuid()
+        # One lstat: the endpoint directory's (see the README's security model); the peer's
+        # uid, checked below, proves the daemon is this user's.
+        directory = _directory(check=False, uid=uid)
         try:
-            directory = _directory(check=True, uid=uid)
             st = _checked_lstat(directory, uid)
             where, name = _place(directory, stem, uid)
             if where != directory:  # the socket lives in the short fallback directory
                 st = _checked_lstat(where, uid)
         except FileNotFoundError:  # no runtime dir (logged out) or no endpoint dir yet
+            try:
+                _directory(check=True, uid=uid)  # an unsafe runtime dir is reported as such
+            except FileNotFoundError:
+                pass
             return None
         target = where + "/" + name
         short = len(target) <= SUN_PATH_MAX and target.isascii()  # the common case
