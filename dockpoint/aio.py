@@ -545,6 +545,13 @@ async def open_connection(
     return await asyncio.open_unix_connection(sock=sock, limit=limit)
 
 
+def _stream_socket(raw: Any) -> socket.socket:
+    """A :class:`socket.socket` (what asyncio expects) owning ``raw``'s descriptor."""
+    if isinstance(raw, socket.socket):
+        return raw
+    return socket.socket(fileno=raw.detach())
+
+
 async def _dial(stem: str, timeout: float | None) -> socket.socket | None:
     """The connected, checked socket; :meth:`dockpoint.connect`'s attempts, with the
     waits between them in the loop. Each attempt never blocks: a full backlog is
@@ -562,7 +569,7 @@ async def _dial(stem: str, timeout: float | None) -> socket.socket | None:
         except BlockingIOError:  # a holder that cannot take us yet: not "nobody there"
             timeout, busy_only = BUSY_GRACE, True
         else:
-            return None if channel is None else channel._sock
+            return None if channel is None else _stream_socket(channel._sock)
     deadline = loop.time() + timeout
     pause = 0.001
     while True:
@@ -574,7 +581,7 @@ async def _dial(stem: str, timeout: float | None) -> socket.socket | None:
             if channel is None and busy_only:
                 return None  # the busy holder has gone
         if channel is not None:
-            return channel._sock
+            return _stream_socket(channel._sock)
         left = deadline - loop.time()
         if left <= 0:
             return None
