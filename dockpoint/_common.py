@@ -28,6 +28,7 @@ if TYPE_CHECKING:  # pragma: no cover - names for type hints only, never importe
 
         def recv(self, max_bytes: int, timeout: float | None) -> bytes: ...
         def send(self, data: bytes | memoryview) -> None: ...
+        def fileno(self) -> int: ...  # io.UnsupportedOperation where the OS has none
         def close(self) -> None: ...
 
     class Listener(Protocol):
@@ -38,6 +39,7 @@ if TYPE_CHECKING:  # pragma: no cover - names for type hints only, never importe
             proved (the caller then closes the listener)."""
 
         def wake(self) -> None: ...
+        def fileno(self) -> int: ...  # io.UnsupportedOperation where the OS has none
         def close(self) -> None: ...
         def forget(self) -> None: ...
         def handles(self) -> tuple[int, int]:
@@ -82,6 +84,7 @@ __all__ = [
     "check_info",
     "check_timeout",
     "endpoint_stem",
+    "no_fileno",
     "pipe_name",
     "posix_directory",
     "socket_filename",
@@ -283,6 +286,16 @@ def socket_filename(directory: str, stem: str, limit: int) -> str:
     return "~" + hashlib.sha256(stem.encode()).hexdigest()[:24] + ".sock"
 
 
+def no_fileno(self: object) -> int:
+    """A backend's ``fileno`` where the OS has no selectable descriptor."""
+    import io
+
+    raise io.UnsupportedOperation(
+        "fileno: this platform has no selectable descriptor for a dockpoint endpoint "
+        "or connection; use dockpoint.aio for event loops"
+    )
+
+
 def pipe_name(user_sid: str, stem: str) -> str:
     """The Windows named pipe for ``stem``, scoped to the user ``user_sid``."""
     return f"\\\\.\\pipe\\dockpoint-{user_sid}-{stem}"
@@ -451,6 +464,22 @@ class DockpointConnection(_Closable):
         ch.send(view)
         return view.nbytes
 
+    def fileno(self) -> int:
+        """The OS descriptor of the connection, for ``selectors``, ``select`` and event
+        loops: it is readable when :meth:`read` would return without waiting.
+
+        The descriptor stays owned by the connection: do not close it or read from it
+        directly, and do not use it after :meth:`close`.
+
+        :raises io.UnsupportedOperation: the OS has no selectable descriptor for it
+            (Windows, where a named pipe cannot be selected).
+        :raises DockpointClosedError: the connection is closed.
+        """
+        ch = self._ch
+        if ch is None:
+            raise _closed("DockpointConnection")
+        return ch.fileno()
+
     def close(self) -> None:
         """Close the connection. Closing again does nothing."""
         ch, self._ch = self._ch, None
@@ -549,6 +578,24 @@ class Dockpoint(_Closable):
         if channel is None:
             raise _closed("Dockpoint")
         return DockpointConnection(channel)
+
+    def fileno(self) -> int:
+        """The OS descriptor of the listening endpoint, for ``selectors``, ``select`` and
+        event loops: it is readable when a client is waiting, so :meth:`accept` would
+        return without waiting (unless another thread takes that client first, or the
+        client turns out to be another user's and is dropped).
+
+        The descriptor stays owned by the endpoint: do not close it or accept from it
+        directly, and do not use it after :meth:`close`.
+
+        :raises io.UnsupportedOperation: the OS has no selectable descriptor for it
+            (Windows, where a named pipe cannot be selected).
+        :raises DockpointClosedError: the endpoint is closed.
+        """
+        listener = self._listener
+        if listener is None or self._closing:
+            raise _closed("Dockpoint")
+        return listener.fileno()
 
     def close(self) -> None:
         """Release the endpoint; a thread blocked in :meth:`accept` raises

@@ -326,6 +326,9 @@ class _Channel:
             if self._shut:
                 self._finish()
 
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
     def close(self) -> None:
         if self._gen != _FORKS[0]:  # a forked copy: the parent's calls are not ours
             self._busy.clear()
@@ -512,6 +515,9 @@ class _Listener:
         finally:
             self._mutex.release()
             restore_signals(old)
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
 
     def close(self) -> None:
         if os.getpid() != self._owner:  # never unlink or unlock for the parent
@@ -1272,6 +1278,9 @@ class _Backend:
                         # macOS/BSD refuse when the backlog is full: busy, not absent
                         raise BlockingIOError(errno.EAGAIN, "the daemon is busy", target) from None
                     return None
+                except BlockingIOError:  # a timed connect (Linux) met a full backlog: busy
+                    sock.close()
+                    raise BlockingIOError(errno.EAGAIN, "the daemon is busy", target) from None
                 except _NOBODY:
                     sock.close()
                     return None

@@ -67,7 +67,7 @@ import sys
 from _thread import allocate_lock
 from time import monotonic, sleep
 
-from ._common import BUSY_GRACE, Api, DockpointClosedError, pipe_name
+from ._common import BUSY_GRACE, Api, DockpointClosedError, no_fileno, pipe_name
 from ._win32 import (
     DACL_SECURITY_INFORMATION,
     ERROR_ACCESS_DENIED,
@@ -863,6 +863,20 @@ if sys.platform == "win32":
                     return
             self._release()
 
+        fileno = no_fileno  # a named pipe cannot be selected
+
+        def detach(self) -> int:
+            """Hand the pipe handle over (to an event loop's transport), closing the rest."""
+            with self._mutex:
+                if self._closed or self._busy:
+                    raise _closed_error()
+                self._closed = True
+            for op in self._ops:
+                op.close()
+            self._ops.clear()
+            CloseHandle(self._wake)
+            return self._pipe
+
     class _Listener:
         """The claimed pipe and its lock file.
 
@@ -985,6 +999,7 @@ if sys.platform == "win32":
             _release_lock(self._lock)  # the pipe is gone first: then the claim
 
         forget = close  # only reached after os.fork(), which Windows does not have
+        fileno = no_fileno  # a named pipe cannot be selected
 
         def handles(self) -> tuple[int, int]:
             # Hand-over of a claimed pipe to a spawned daemon is not implemented on Windows
