@@ -9,9 +9,11 @@ daemon and connects again.
 import sys
 
 from ._common import (
+    MAX_INFO_LENGTH,
     MAX_NAME_LENGTH,
     NAME_CHARACTERS,
     PROBE_STATES,
+    ClaimLostError,
     Dockpoint,
     DockpointClosedError,
     DockpointConnection,
@@ -34,9 +36,11 @@ stop = _api.stop
 #: The one version string (``pyproject.toml`` reads it: ``dynamic = ["version"]``).
 __version__ = "0.2.0"
 __all__ = [
+    "MAX_INFO_LENGTH",
     "MAX_NAME_LENGTH",
     "NAME_CHARACTERS",
     "PROBE_STATES",
+    "ClaimLostError",
     "Dockpoint",
     "DockpointClosedError",
     "DockpointConnection",

@@ -76,7 +76,7 @@ def connect_or_spawn(req: Request) -> DockpointConnection:
     deadline = req.deadline
     while True:
         if sys.platform != "win32":
-            got = api._backend.listen(stem)
+            got = api._backend.listen(stem, None)
             if got is not None:
                 return _hand_over(req, got[0])
         else:  # no hand-over on Windows yet: start the daemon, let it claim, wait for it

@@ -67,7 +67,7 @@ import sys
 from _thread import allocate_lock
 from time import monotonic, sleep
 
-from ._common import BUSY_GRACE, Api, DockpointClosedError, pipe_name
+from ._common import BUSY_GRACE, Api, DockpointClosedError, no_fileno, pipe_name
 from ._win32 import (
     DACL_SECURITY_INFORMATION,
     ERROR_ACCESS_DENIED,
@@ -324,7 +324,9 @@ def _slice_ms(deadline: float | None, now: float) -> int:
     left = deadline - now
     if left <= 0:
         return 0
-    return min(_SLICE_MS, int(-(-left * 1000 // 1)))
+    if left * 1000 >= _SLICE_MS:  # also inf, which int() cannot take
+        return _SLICE_MS
+    return int(-(-left * 1000 // 1))
 
 
 def _wine_version() -> str | None:
@@ -986,6 +988,20 @@ if sys.platform == "win32":
                     return
             self._release()
 
+        fileno = no_fileno  # a named pipe cannot be selected
+
+        def detach(self) -> int:
+            """Hand the pipe handle over (to an event loop's transport), closing the rest."""
+            with self._mutex:
+                if self._closed or self._busy:
+                    raise _closed_error()
+                self._closed = True
+            for op in self._ops:
+                op.close()
+            self._ops.clear()
+            CloseHandle(self._wake)
+            return self._pipe
+
     class _Listener:
         """The claimed pipe and its lock file.
 
@@ -1109,6 +1125,7 @@ if sys.platform == "win32":
             _release_lock(self._lock)  # the pipe is gone first: then the claim
 
         forget = close  # only reached after os.fork(), which Windows does not have
+        fileno = no_fileno  # a named pipe cannot be selected
 
         def handles(self) -> tuple[int, int]:
             # Not on Windows (connect_or_spawn starts the daemon and lets it claim): a
@@ -1123,7 +1140,7 @@ if sys.platform == "win32":
 
     class _Backend:
         @staticmethod
-        def adopt(stem: str) -> tuple[_Listener, str] | None:
+        def adopt(stem: str, info: str | None = None) -> tuple[_Listener, str] | None:
             return None  # no hand-over on Windows yet: claim() always claims anew
 
         @staticmethod
