@@ -13,7 +13,7 @@ import errno
 import os
 import select
 import sys
-from _thread import allocate_lock
+from _thread import RLock
 from stat import S_ISDIR, S_ISFIFO, S_ISLNK, S_ISREG, S_ISSOCK
 from time import monotonic
 
@@ -396,7 +396,8 @@ class _Listener:
         self._lock_at = lock_at  # the lock file's name in dfd, or its path
         self._uid = os.geteuid()
         self._owner = os.getpid()
-        self._mutex = allocate_lock()
+        # Re-entrant: close() in a signal handler may wake() while this thread holds it.
+        self._mutex = RLock()
         # The wake pipe is made when a thread first has to wait: a claim that is only
         # held costs three descriptors (socket, lock file, directory).
         self._wake_r = self._wake_w = -1
@@ -457,14 +458,14 @@ class _Listener:
         """The wake pipe's read end, made on first use; -1 once woken."""
         if self._wake_r < 0:
             with self._mutex:
-                if self._woken:
-                    return -1
-                if self._wake_r < 0:
+                if self._wake_r < 0 and not self._woken:
                     old = block_signals()
                     try:
                         self._wake_r, self._wake_w = os.pipe()
                     finally:
-                        restore_signals(old)
+                        restore_signals(old)  # a handler's wake() may run here
+                if self._woken:  # woken before the pipe could carry it
+                    return -1
         return self._wake_r
 
     def wake(self) -> None:
