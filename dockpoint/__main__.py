@@ -8,18 +8,16 @@ the public API; ``status`` (a printer of :func:`dockpoint.probe`) and ``stop`` (
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from time import monotonic
 
 import dockpoint
-from dockpoint._common import endpoint_stem  # for send
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # pragma: no cover - names for type hints only
-    import subprocess
-    from collections.abc import Sequence
+    import argparse
+    from collections.abc import Callable, Sequence
     from types import FrameType
     from typing import Any, TextIO
 
@@ -41,10 +39,11 @@ DEFAULT_SPAWN_IDLE = 600.0
 DEFAULT_SEND_TIMEOUT = 10.0
 #: Default for how long ``status`` waits for a claimed endpoint to accept its probe.
 DEFAULT_STATUS_TIMEOUT = 2.0
+#: ``send`` asks at most this many times when a daemon closes without answering (it was
+#: exiting, idle, just as we came).
+MAX_ATTEMPTS = 3
 #: Default for how long ``stop`` waits for the holder to release the claim.
 DEFAULT_STOP_TIMEOUT = 10.0
-#: ``send`` starts at most this many daemons itself (a lost race costs one).
-MAX_SPAWNS = 3
 
 PROTOCOL = (
     "protocol: a client sends one line (bytes ending in a newline); the daemon answers "
@@ -95,25 +94,6 @@ exit status:
   3  the holder still holds the claim after --timeout"""
 
 
-class _HelpFormatter(argparse.HelpFormatter):
-    """Wraps each paragraph of a description on its own; keeps indented blocks (examples,
-    tables) as written."""
-
-    def _fill_text(self, text: str, width: int, indent: str) -> str:
-        import textwrap
-
-        paragraphs = []
-        for paragraph in text.split("\n\n"):
-            if "\n " in paragraph:
-                paragraphs.append("\n".join(indent + line for line in paragraph.splitlines()))
-            else:
-                words = " ".join(paragraph.split())
-                paragraphs.append(
-                    textwrap.fill(words, width, initial_indent=indent, subsequent_indent=indent)
-                )
-        return "\n\n".join(paragraphs)
-
-
 class UserError(Exception):
     """A problem the user has to fix; reported on stderr without a traceback."""
 
@@ -149,12 +129,26 @@ def _describe(exc: BaseException) -> str:
 
 def _seconds(text: str) -> float:
     """argparse type: a number of seconds >= 0."""
+    value = _parse_seconds(text)
+    if value is None:
+        import argparse
+
+        try:
+            float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds >= 0: {text!r}")
+    return value
+
+
+def _parse_seconds(text: str) -> float | None:
+    """A finite number of seconds >= 0, or ``None``."""
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+        return None
     if not value >= 0.0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number of seconds >= 0: {text!r}")
+        return None
     return value
 
 
@@ -228,25 +222,22 @@ def _stop_on_signals(dp: dockpoint.Dockpoint) -> None:
 # --------------------------------------------------------------------------- send
 
 
-def spawn_daemon(app: str, instance: str, idle: float) -> subprocess.Popen[bytes]:
-    """Start ``serve`` for ``(app, instance)`` in the background, detached from this
-    process: its own session (process group on Windows), no console, standard streams on
-    the null device and no inherited descriptors, so a caller waiting for this frontend's
-    pipes to close is never kept waiting by the daemon."""
-    import subprocess
+#: What a daemon that ``send`` starts runs: ``serve`` without runpy and argparse (the
+#: frontend waits for the daemon's start-up). The arguments are ``serve APP INSTANCE IDLE``.
+DAEMON_CODE = "import sys;from dockpoint.__main__ import daemon;sys.exit(daemon(sys.argv[1:]))"
 
+
+def daemon_command(app: str, instance: str, idle: float) -> list[str]:
+    """The command line of the echo daemon that ``send`` starts for ``(app, instance)``."""
     if not sys.executable:
         raise UserError("cannot start a daemon: the Python executable is unknown")
-    command = [sys.executable, "-m", "dockpoint", "serve", app]
-    command += ["--instance", instance, "--idle", repr(idle)]
-    detach: dict[str, Any] = {"start_new_session": True}  # own session: no terminal, no HUP
-    if sys.platform == "win32":
-        flags = subprocess.DETACHED_PROCESS | subprocess.CREATE_NEW_PROCESS_GROUP
-        detach = {"creationflags": flags}
-    devnull = subprocess.DEVNULL
-    return subprocess.Popen(
-        command, stdin=devnull, stdout=devnull, stderr=devnull, close_fds=True, **detach
-    )
+    return [sys.executable, "-c", DAEMON_CODE, "serve", app, instance, repr(idle)]
+
+
+def daemon(args: Sequence[str]) -> int:
+    """Entry point of :func:`daemon_command`: ``serve APP INSTANCE IDLE``."""
+    _, app, instance, idle = args
+    return serve(app, instance, float(idle))
 
 
 def send(
@@ -260,63 +251,63 @@ def send(
     verbose: bool,
 ) -> int:
     """Send ``message`` to the daemon, starting one if nobody is there; print the reply."""
-    stem = endpoint_stem(app, instance)
+    stem = f"{app}@{instance}".lower()  # how messages name the endpoint
     deadline = monotonic() + timeout
-    child: subprocess.Popen[bytes] | None = None
-    spawned = 0
-    wait = 0.1  # the first slice of the bounded back-off after a spawn
-    try:
-        while True:
+    started: list[int] = []
+
+    def spawned(pid: int) -> None:
+        started.append(pid)
+        if verbose:
+            _log(f"no daemon answered for {stem}; started one (pid {pid})")
+
+    conn: dockpoint.DockpointConnection | None
+    for _attempt in range(MAX_ATTEMPTS):
+        left = max(0.0, deadline - monotonic())
+        if spawn:
+            try:
+                conn = dockpoint.connect_or_spawn(
+                    app,
+                    daemon_command(app, instance, idle),
+                    instance,
+                    timeout=left,
+                    on_spawn=spawned,
+                )
+            except TimeoutError:  # a daemon it started but that never adopted is stopped
+                return _give_up(stem, timeout, "no daemon answered", started)
+            except dockpoint.SpawnError as exc:
+                raise UserError(str(exc)) from None
+        else:
             conn = dockpoint.connect(app, instance)
-            if conn is None and spawn:
-                if child is not None and child.poll() not in (None, 0):
-                    raise UserError(
-                        f"the daemon started for {stem} exited with status {child.returncode}; "
-                        f"run '{PROG} serve {app} --instance {instance}' to see why"
-                    )
-                if (child is None or child.returncode is not None) and spawned < MAX_SPAWNS:
-                    child = spawn_daemon(app, instance, idle)
-                    spawned += 1
-                    if verbose:
-                        _log(f"no daemon answered for {stem}; started one (pid {child.pid})")
-                left = deadline - monotonic()
-                conn = dockpoint.connect(app, instance, timeout=max(0.0, min(wait, left)))
-                wait = min(wait * 2, 2.0)
-            if conn is not None:
-                with conn:
-                    if verbose:
-                        _log(f"connected to {stem} (daemon pid {conn.peer_pid})")
-                    try:
-                        conn.write(message + b"\n")
-                        reply = _read_line(conn, max(deadline, monotonic() + 0.5))
-                    except TimeoutError:
-                        return _give_up(stem, timeout, "the daemon did not answer")
-                    except OSError:  # the daemon went away while we talked to it
-                        reply = b""
-                if reply:
-                    out = getattr(sys.stdout, "buffer", None)
-                    if out is not None:
-                        out.write(reply if reply.endswith(b"\n") else reply + b"\n")
-                        out.flush()
-                    return EXIT_OK
-                if verbose:
-                    _log(f"the daemon for {stem} closed without answering; trying again")
-            elif not spawn:
+            if conn is None:
                 _log(f"no daemon is serving {stem} (not starting one: --no-spawn)")
                 return EXIT_NOBODY
-            if monotonic() >= deadline:
-                return _give_up(stem, timeout, "no daemon answered")
-    finally:
-        # Leave a daemon we started running: drop our handle without a ResourceWarning.
-        import warnings
+        with conn:
+            if verbose:
+                _log(f"connected to {stem} (daemon pid {conn.peer_pid})")
+            try:
+                conn.write(message + b"\n")
+                reply = _read_line(conn, max(deadline, monotonic() + 0.5))
+            except TimeoutError:
+                return _give_up(stem, timeout, "the daemon did not answer", started)
+            except OSError:  # the daemon went away while we talked to it
+                reply = b""
+        if reply:
+            out = getattr(sys.stdout, "buffer", None)
+            if out is not None:
+                out.write(reply if reply.endswith(b"\n") else reply + b"\n")
+                out.flush()
+            return EXIT_OK
+        if verbose:
+            _log(f"the daemon for {stem} closed without answering; trying again")
+        if monotonic() >= deadline:
+            break
+    return _give_up(stem, timeout, "no daemon answered", started)
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ResourceWarning)
-            child = None
 
-
-def _give_up(stem: str, timeout: float, why: str) -> int:
+def _give_up(stem: str, timeout: float, why: str, started: list[int]) -> int:
     _log(f"{why} for {stem} within {timeout:g} s")
+    for pid in started:  # it adopted the endpoint (else it was stopped): it stays
+        _log(f"the daemon started for {stem} (pid {pid}) keeps running; it serves later calls")
     return EXIT_NOBODY
 
 
@@ -378,8 +369,35 @@ def _stem(app: str, instance: str) -> str:
 # --------------------------------------------------------------------------- command line
 
 
+def _help_formatter() -> type[argparse.HelpFormatter]:
+    import argparse
+
+    class _HelpFormatter(argparse.HelpFormatter):
+        """Wraps each paragraph of a description on its own; keeps indented blocks (examples,
+        tables) as written."""
+
+        def _fill_text(self, text: str, width: int, indent: str) -> str:
+            import textwrap
+
+            paragraphs = []
+            for paragraph in text.split("\n\n"):
+                if "\n " in paragraph:
+                    paragraphs.append("\n".join(indent + line for line in paragraph.splitlines()))
+                else:
+                    words = " ".join(paragraph.split())
+                    paragraphs.append(
+                        textwrap.fill(words, width, initial_indent=indent, subsequent_indent=indent)
+                    )
+            return "\n\n".join(paragraphs)
+
+    return _HelpFormatter
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m dockpoint`` argument parser."""
+    import argparse
+
+    formatter = _help_formatter()
     parser = argparse.ArgumentParser(
         prog=PROG,
         description=(
@@ -393,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
             f"  {PROG} status demo        # where it lives, who holds it\n"
             f"  {PROG} stop demo          # ask the daemon to exit\n\n" + EXIT_CODES
         ),
-        formatter_class=_HelpFormatter,
+        formatter_class=formatter,
     )
     parser.add_argument("--version", action="version", version=f"dockpoint {dockpoint.__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
@@ -405,7 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
             help=summary,
             description=description,
             epilog=epilog,
-            formatter_class=_HelpFormatter,
+            formatter_class=formatter,
         )
         sub.add_argument("app", metavar="APP", help="the app name (letters, digits, _ . -)")
         sub.add_argument(
@@ -438,10 +456,13 @@ def build_parser() -> argparse.ArgumentParser:
     send_cmd = command(
         "send",
         "send MESSAGE to APP's daemon, starting the daemon if nobody is there",
-        "Connect to APP's daemon and print its reply. When nobody is there, start "
-        f"'{PROG} serve APP' in the background, detached from this terminal, and retry "
-        "with a growing pause until it answers or --timeout runs out. Any number of "
-        "concurrent 'send's end up talking to one daemon.\n\n" + PROTOCOL,
+        "Connect to APP's daemon and print its reply. When nobody is there, claim APP's "
+        f"endpoint, start the echo daemon ('{PROG} serve APP') detached from this "
+        "terminal with the endpoint handed over to it, and talk to it "
+        "(dockpoint.connect_or_spawn). Any number of concurrent 'send's start one daemon "
+        "and all talk to it. A daemon that fails at start is reported with its exit "
+        "status and error output; one that has not started when --timeout runs out is "
+        "stopped.\n\n" + PROTOCOL,
         SEND_EXIT,
     )
     send_cmd.add_argument("message", metavar="MESSAGE", help="one line of text to send")
@@ -510,8 +531,63 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _reporting(command: Callable[[], int]) -> int:
+    """Run ``command``; report a problem to fix on stderr in one line, not a traceback."""
+    try:
+        return command()
+    except KeyboardInterrupt:
+        return 130
+    except (UserError, OSError, ValueError) as exc:
+        _log(f"error: {_describe(exc)}")
+        return EXIT_ERROR
+
+
+def _quick_send(argv: Sequence[str]) -> dict[str, Any] | None:
+    """The arguments of a well-formed ``send`` command line, parsed without argparse (a
+    frontend pays for every import); ``None`` for anything else, which argparse parses
+    (and reports errors in) as usual."""
+    if not argv or argv[0] != "send":
+        return None
+    args: dict[str, Any] = {
+        "instance": "default",
+        "timeout": DEFAULT_SEND_TIMEOUT,
+        "idle": DEFAULT_SPAWN_IDLE,
+        "spawn": True,
+        "verbose": False,
+    }
+    positional = []
+    rest = iter(argv[1:])
+    for arg in rest:
+        if arg in ("-v", "--verbose"):
+            args["verbose"] = True
+        elif arg == "--no-spawn":
+            args["spawn"] = False
+        elif arg in ("-i", "--instance"):
+            args["instance"] = next(rest, None)
+        elif arg in ("--timeout", "--idle"):
+            args[arg[2:]] = _parse_seconds(next(rest, "-"))
+        elif arg[:1] == "-":
+            return None
+        else:
+            positional.append(arg)
+    if len(positional) != 2 or None in args.values():
+        return None
+    args["app"], text = positional
+    try:
+        dockpoint.address(args["app"], args["instance"])  # checks the names
+    except (TypeError, ValueError):
+        return None
+    args["message"] = os.fsencode(text)
+    if b"\n" in args["message"] or b"\r" in args["message"]:
+        return None
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0911 - one per command
     """Run ``python -m dockpoint`` with ``argv`` (default: the command line)."""
+    quick = _quick_send(sys.argv[1:] if argv is None else argv)
+    if quick is not None:
+        return _reporting(lambda: send(**quick))
     parser = build_parser()
     args = parser.parse_args(argv)
     sub: argparse.ArgumentParser = args.parser
@@ -548,4 +624,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    _code = main()
+    if sys.flags.dev_mode:  # let -X dev see what a normal exit reports
+        sys.exit(_code)
+    # Nothing is left to clean up (the daemon, if one was started, is detached): skip the
+    # interpreter's teardown once the output is out.
+    for _stream in (sys.stdout, sys.stderr):
+        try:
+            if _stream is not None:
+                _stream.flush()
+        except (OSError, ValueError):
+            _code = _code or EXIT_ERROR
+    os._exit(_code)

@@ -7,6 +7,7 @@ few private operations; everything a user calls, and every argument check, is he
 
 from __future__ import annotations
 
+import _signal  # type: ignore[import-not-found]  # the C module: no enum import
 import os
 import time
 from _thread import RLock, allocate_lock, get_ident
@@ -14,6 +15,7 @@ from _weakref import ReferenceType, ref
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # pragma: no cover - names for type hints only, never imported at run time
+    from collections.abc import Callable, Mapping, Sequence
     from types import TracebackType
     from typing import Protocol
 
@@ -26,21 +28,36 @@ if TYPE_CHECKING:  # pragma: no cover - names for type hints only, never importe
 
         def recv(self, max_bytes: int, timeout: float | None) -> bytes: ...
         def send(self, data: bytes | memoryview) -> None: ...
+        def fileno(self) -> int: ...  # io.UnsupportedOperation where the OS has none
         def close(self) -> None: ...
 
     class Listener(Protocol):
         """A backend's claimed endpoint."""
 
-        def accept(self, timeout: float | None) -> Channel | None: ...
+        def accept(self, timeout: float | None) -> Channel | None:
+            """``None`` once woken; ``ClaimLostError`` when the claim can no longer be
+            proved (the caller then closes the listener)."""
+
         def wake(self) -> None: ...
+        def fileno(self) -> int: ...  # io.UnsupportedOperation where the OS has none
         def close(self) -> None: ...
         def forget(self) -> None: ...
+        def handles(self) -> tuple[int, int]:
+            """The listening socket's and the lock's descriptors (POSIX) or handles
+            (Windows), to be inherited by a daemon that adopts the endpoint."""
 
     class Backend(Protocol):
         """What a backend module provides."""
 
         def locate(self, stem: str) -> str: ...
-        def listen(self, stem: str) -> tuple[Listener, str] | None: ...
+        def listen(self, stem: str, info: str | None) -> tuple[Listener, str] | None:
+            """One attempt to claim; runs with signals blocked (it must not block)."""
+
+        def adopt(self, stem: str, info: str | None) -> tuple[Listener, str] | None:
+            """The endpoint handed over by the spawning process (``connect_or_spawn``),
+            verified, its lock file rewritten with ``info``; ``None`` when none is handed
+            over for ``stem``. Runs with signals blocked, like ``listen``."""
+
         def dial(self, stem: str, timeout: float | None) -> Channel | None:
             """One attempt: ``None`` when nobody is there; ``BlockingIOError`` when the
             holder is alive but cannot take the connection yet."""
@@ -53,16 +70,21 @@ if TYPE_CHECKING:  # pragma: no cover - names for type hints only, never importe
 
 
 __all__ = [
+    "MAX_INFO_LENGTH",
     "MAX_NAME_LENGTH",
     "NAME_CHARACTERS",
     "PROBE_STATES",
     "Api",
+    "ClaimLostError",
     "Dockpoint",
     "DockpointClosedError",
     "DockpointConnection",
     "Probe",
+    "SpawnError",
+    "check_info",
     "check_timeout",
     "endpoint_stem",
+    "no_fileno",
     "pipe_name",
     "posix_directory",
     "socket_filename",
@@ -79,6 +101,8 @@ READ_CHUNK_LIMIT = 1 << 20
 #: How long a single-attempt ``connect`` keeps retrying a holder that is alive but cannot
 #: take the connection yet (a full backlog on macOS/BSD answers "refused").
 BUSY_GRACE = 5.0
+#: Longest ``info=`` text :func:`dockpoint.claim` publishes, in characters.
+MAX_INFO_LENGTH = 200
 
 
 class DockpointClosedError(OSError):
@@ -87,6 +111,35 @@ class DockpointClosedError(OSError):
 
     A subclass of :class:`OSError` whose ``errno`` is ``EBADF``, the same on every platform.
     """
+
+
+class ClaimLostError(DockpointClosedError):
+    """The claim can no longer be proved (on POSIX: its lock file was deleted or replaced),
+    so the endpoint was released: at most one process serves a name. Raised by
+    :meth:`Dockpoint.accept`; the :class:`Dockpoint` is closed when it is raised.
+    """
+
+
+class SpawnError(ChildProcessError):
+    """The daemon that :func:`dockpoint.connect_or_spawn` started ended, or gave up the
+    endpoint it was handed, before it adopted it (a bad command, an import error, an early
+    exit).
+
+    :attr:`returncode` is its exit status (negative: the signal that ended it; ``None``
+    if it still runs), :attr:`stderr` the tail of what it wrote to its standard error
+    before adopting, :attr:`pid` its process id. The message holds all three.
+    """
+
+    def __init__(self, message: str, pid: int, returncode: int | None, stderr: str) -> None:
+        import errno
+
+        super().__init__(errno.ECHILD, message)
+        self.pid = pid
+        self.returncode = returncode
+        self.stderr = stderr
+
+    def __str__(self) -> str:
+        return str(self.strerror)  # the message, without "[Errno 10]"
 
 
 def _closed(what: str) -> DockpointClosedError:
@@ -132,18 +185,74 @@ def endpoint_stem(app_name: object, instance: object) -> str:
     return validate_name(app_name, "app_name") + "@" + validate_name(instance, "instance")
 
 
-def check_timeout(timeout: object) -> float | None:
-    """Return ``timeout`` as a float (``None`` stays ``None``), or raise."""
+def check_timeout(timeout: object, what: str = "timeout") -> float | None:
+    """Return ``timeout`` as a float (``None`` stays ``None``), or raise.
+
+    Any number of seconds ``>= 0`` is allowed; ``float("inf")`` (and an ``int`` too large
+    for a float) means no limit, like ``None``. Long waits are made of bounded slices.
+
+    :raises TypeError: not ``None``, an ``int`` or a ``float`` (``bool`` is refused).
+    :raises ValueError: negative or NaN.
+    """
     if timeout is None:
         return None
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
-        raise TypeError(
-            f"timeout must be None or a number of seconds, not {type(timeout).__name__}"
-        )
-    t = float(timeout)
+        raise TypeError(f"{what} must be None or a number of seconds, not {type(timeout).__name__}")
+    try:
+        t = float(timeout)
+    except OverflowError:  # an int beyond float range: no limit in practice
+        t = float("inf") if timeout > 0 else -1.0
     if not t >= 0.0:  # also rejects NaN
-        raise ValueError(f"timeout must be None or >= 0 seconds, not {timeout!r}")
+        raise ValueError(f"{what} must be None or a number >= 0 (seconds), not {timeout!r}")
     return t
+
+
+def check_info(info: object) -> str | None:
+    """Return a valid ``info=`` text for :func:`dockpoint.claim`, or raise.
+
+    :raises TypeError: not ``None`` or a ``str``.
+    :raises ValueError: longer than :data:`MAX_INFO_LENGTH` characters, or not one line
+        of printable characters (no line breaks, tabs or control characters).
+    """
+    if info is None:
+        return None
+    if not isinstance(info, str):
+        raise TypeError(f"info must be None or a str, not {type(info).__name__}")
+    if len(info) > MAX_INFO_LENGTH:
+        raise ValueError(
+            f"info is {len(info)} characters long; at most {MAX_INFO_LENGTH} are allowed"
+        )
+    if not info.isprintable():
+        raise ValueError(
+            f"info {info!r} is not allowed: use one line of printable characters "
+            "(no line breaks, tabs or control characters)"
+        )
+    try:
+        info.encode()
+    except UnicodeEncodeError:
+        raise ValueError(f"info {info!r} is not valid text (it has lone surrogates)") from None
+    return str(info)
+
+
+# --------------------------------------------------------------------------- signals
+
+# Claiming and releasing run with signals blocked, so a signal (Ctrl+C, an alarm) that
+# arrives meanwhile is handled just after: never between two steps of the claim.
+_sigmask = getattr(_signal, "pthread_sigmask", None)
+_ALL_SIGNALS = _signal.valid_signals() if _sigmask is not None else set()
+
+
+def block_signals() -> object:
+    """Block every signal for this thread; return what :func:`restore_signals` needs."""
+    if _sigmask is None:
+        return None
+    return _sigmask(_signal.SIG_BLOCK, _ALL_SIGNALS)
+
+
+def restore_signals(old: object) -> None:
+    """Undo :func:`block_signals`; a signal that arrived meanwhile is handled here."""
+    if old is not None:
+        _sigmask(_signal.SIG_SETMASK, old)  # type: ignore[misc]
 
 
 # --------------------------------------------------------------------------- locations
@@ -175,6 +284,16 @@ def socket_filename(directory: str, stem: str, limit: int) -> str:
     import hashlib
 
     return "~" + hashlib.sha256(stem.encode()).hexdigest()[:24] + ".sock"
+
+
+def no_fileno(self: object) -> int:
+    """A backend's ``fileno`` where the OS has no selectable descriptor."""
+    import io
+
+    raise io.UnsupportedOperation(
+        "fileno: this platform has no selectable descriptor for a dockpoint endpoint "
+        "or connection; use dockpoint.aio for event loops"
+    )
 
 
 def pipe_name(user_sid: str, stem: str) -> str:
@@ -345,6 +464,22 @@ class DockpointConnection(_Closable):
         ch.send(view)
         return view.nbytes
 
+    def fileno(self) -> int:
+        """The OS descriptor of the connection, for ``selectors``, ``select`` and event
+        loops: it is readable when :meth:`read` would return without waiting.
+
+        The descriptor stays owned by the connection: do not close it or read from it
+        directly, and do not use it after :meth:`close`.
+
+        :raises io.UnsupportedOperation: the OS has no selectable descriptor for it
+            (Windows, where a named pipe cannot be selected).
+        :raises DockpointClosedError: the connection is closed.
+        """
+        ch = self._ch
+        if ch is None:
+            raise _closed("DockpointConnection")
+        return ch.fileno()
+
     def close(self) -> None:
         """Close the connection. Closing again does nothing."""
         ch, self._ch = self._ch, None
@@ -360,6 +495,10 @@ class DockpointConnection(_Closable):
         state = "closed" if self._ch is None else f"peer_pid={self.peer_pid}"
         return f"<DockpointConnection {state}>"
 
+
+#: ``warnings.warn``, loaded by the first claim (``__del__`` may run when imports no
+#: longer work).
+_warn: Callable[..., None] | None = None
 
 #: id -> weak reference of every open Dockpoint of this process, for the fork hook.
 _LIVE: dict[int, ReferenceType[Dockpoint]] = {}
@@ -417,38 +556,65 @@ class Dockpoint(_Closable):
                 self._idle.acquire()
             me = get_ident()
             self._accepting.append(me)
+        lost = False
         try:
             # close() may have run in a signal handler while this thread held the mutex.
             channel = None if self._closing else listener.accept(timeout)
+        except ClaimLostError:
+            lost = True
+            raise
         finally:
             with self._mutex:
                 self._accepting.remove(me)
+                if lost and not self._closing:  # release it; other accepting threads leave
+                    self._closing = True
+                    if self._accepting:
+                        listener.wake()
                 if not self._accepting:
                     self._idle.release()
-                finish = self._closing and not self._accepting and self._listener is not None
-                if finish:
-                    self._listener = None
-            if finish:  # close() ran inside this accept (a signal handler) and left it to us
+                finish = self._closing and not self._accepting and self._listener is listener
+            if finish:  # close() ran while this thread accepted and left the release to it
                 self._release(listener)
         if channel is None:
             raise _closed("Dockpoint")
         return DockpointConnection(channel)
+
+    def fileno(self) -> int:
+        """The OS descriptor of the listening endpoint, for ``selectors``, ``select`` and
+        event loops: it is readable when a client is waiting, so :meth:`accept` would
+        return without waiting (unless another thread takes that client first, or the
+        client turns out to be another user's and is dropped).
+
+        The descriptor stays owned by the endpoint: do not close it or accept from it
+        directly, and do not use it after :meth:`close`.
+
+        :raises io.UnsupportedOperation: the OS has no selectable descriptor for it
+            (Windows, where a named pipe cannot be selected).
+        :raises DockpointClosedError: the endpoint is closed.
+        """
+        listener = self._listener
+        if listener is None or self._closing:
+            raise _closed("Dockpoint")
+        return listener.fileno()
 
     def close(self) -> None:
         """Release the endpoint; a thread blocked in :meth:`accept` raises
         :class:`DockpointClosedError`. Closing again does nothing.
 
         This removes the endpoint and then releases the claim, so the next
-        :func:`dockpoint.claim` succeeds.
+        :func:`dockpoint.claim` succeeds. The release runs with signals blocked; if a
+        signal interrupts the wait for accepting threads, calling ``close()`` again
+        finishes the release (and the last accepting thread finishes it anyway).
         """
         # A signal handler may run close() on a thread that holds the mutex in accept().
         reentered = self._mutex._is_owned()  # type: ignore[attr-defined]
         with self._mutex:
             listener = self._listener
-            if listener is None or self._closing:
+            if listener is None:
                 return
-            self._closing = True
             busy = bool(self._accepting)
+            if busy:
+                self._closing = True
             inside = reentered or get_ident() in self._accepting
         if busy:
             listener.wake()
@@ -457,15 +623,26 @@ class Dockpoint(_Closable):
             # Accepting threads still use the OS handles: let them leave before freeing them.
             self._idle.acquire()
             self._idle.release()
-        with self._mutex:
-            if self._listener is None:
-                return
-            self._listener = None
         self._release(listener)
 
     def _release(self, listener: Listener) -> None:
-        _LIVE.pop(id(self), None)
-        listener.close()
+        """Release ``listener`` unless that is done already; signals wait until it is."""
+        old = block_signals()
+        try:
+            with self._mutex:
+                if self._listener is not listener:
+                    return  # released already
+                self._closing = True
+                if self._accepting:  # one started meanwhile: the last one out releases
+                    listener.wake()
+                    return
+                try:
+                    listener.close()
+                finally:
+                    self._listener = None
+                    _LIVE.pop(id(self), None)
+        finally:
+            restore_signals(old)
 
     def _drop_after_fork(self) -> None:
         # Only the forking thread survives in the child: new locks, no accepting threads.
@@ -479,10 +656,10 @@ class Dockpoint(_Closable):
             listener.forget()
 
     def __del__(self) -> None:
-        if getattr(self, "_listener", None) is not None and not self._closing:
-            import warnings
-
-            warnings.warn(f"unclosed {self!r}", ResourceWarning, stacklevel=2)
+        # No imports here: at interpreter exit the import system is gone already.
+        if getattr(self, "_listener", None) is not None:
+            if _warn is not None:
+                _warn(f"unclosed {self!r}", ResourceWarning, stacklevel=2)
             self.close()
 
     @property
@@ -501,26 +678,81 @@ class Api:
     def __init__(self, backend: Backend) -> None:
         self._backend = backend
 
-    def claim(self, app_name: str, instance: str = "default") -> Dockpoint | None:
+    def claim(
+        self,
+        app_name: str,
+        instance: str = "default",
+        *,
+        info: str | None = None,
+        wait: float | None = None,
+    ) -> Dockpoint | None:
         """Claim the endpoint for ``(app_name, instance)`` for the current user.
 
         Atomic: of any number of processes claiming at once, exactly one gets a
         :class:`Dockpoint`. The claim ends with :meth:`Dockpoint.close` or with the process.
+        A signal that arrives during the claim is handled once nothing is half-made: if
+        its handler raises, nothing is held and no descriptor is left open.
 
         :param app_name: your program's name; see :func:`validate_name` for the rules.
         :param instance: which of several endpoints of the same program.
-        :returns: the claimed :class:`Dockpoint`, or ``None`` if another process holds it.
-        :raises TypeError: a name is not a ``str``.
-        :raises ValueError: a name breaks the naming rules, or the endpoint path would be
-            longer than the OS allows.
+        :param info: a short text published with the holder's pid (on POSIX, line 2 of
+            the lock file), e.g. the daemon's version; see :func:`check_info`.
+        :param wait: ``None`` makes one attempt. A number of seconds waits up to that long
+            for the current holder to let go, then claims (``inf``: no limit).
+        :returns: the claimed :class:`Dockpoint`, or ``None`` if another process holds it
+            (still holds it when ``wait`` ends).
+        :raises TypeError: a name is not a ``str``, or a bad ``info``/``wait`` type.
+        :raises ValueError: a name breaks the naming rules, the endpoint path would be
+            longer than the OS allows, or a bad ``info``/``wait`` value.
         :raises PermissionError: the endpoint directory is unsafe (owned by another user,
             a symlink, or open to group/others); the message names it.
         :raises FileExistsError: something that is not a socket sits at the endpoint path.
+
+        A daemon started by :func:`dockpoint.connect_or_spawn` adopts the endpoint that
+        the frontend claimed and handed over to it (after checking that it is this
+        endpoint and that this process holds its lock) instead of claiming anew.
         """
-        got = self._backend.listen(endpoint_stem(app_name, instance))
-        if got is None:
-            return None
-        return Dockpoint(*got)
+        global _warn
+        stem = endpoint_stem(app_name, instance)
+        info = check_info(info)
+        wait = check_timeout(wait, "wait")
+        if _warn is None:
+            from warnings import warn
+
+            _warn = warn
+        dp = self._claim_once(stem, info, adopt=True)
+        if dp is not None or not wait:
+            return dp
+        deadline = time.monotonic() + wait
+        pause = 0.002
+        while True:  # the holder's lock cannot be waited for portably: retry in slices
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            time.sleep(min(pause, left))  # interruptible; nothing is held here
+            pause = min(pause * 2, 0.05)
+            dp = self._claim_once(stem, info)
+            if dp is not None:
+                return dp
+
+    def _claim_once(self, stem: str, info: str | None, adopt: bool = False) -> Dockpoint | None:
+        backend = self._backend
+        old = block_signals()
+        try:
+            got = backend.adopt(stem, info) if adopt else None
+            if got is None:
+                got = backend.listen(stem, info)
+            dp = None if got is None else Dockpoint(*got)
+        except BaseException:
+            restore_signals(old)
+            raise
+        try:
+            restore_signals(old)  # a signal that came meanwhile is handled here
+        except BaseException:
+            if dp is not None:
+                dp.close()
+            raise
+        return dp
 
     def connect(
         self, app_name: str, instance: str = "default", *, timeout: float | None = None
@@ -565,6 +797,67 @@ class Api:
                 return None
             time.sleep(min(pause, left))
             pause = min(pause * 2, 0.05)
+
+    def connect_or_spawn(
+        self,
+        app_name: str,
+        argv: Sequence[str | os.PathLike[str]],
+        instance: str = "default",
+        *,
+        timeout: float | None = 10.0,
+        log: str | os.PathLike[str] | None = None,
+        env: Mapping[str, str] | None = None,
+        on_spawn: Callable[[int], object] | None = None,
+    ) -> DockpointConnection:
+        """Connect to the daemon for ``(app_name, instance)``, starting it if nobody is there.
+
+        When nobody is there this call claims the endpoint itself, starts ``argv``
+        detached (its own session, standard input on the null device, no inherited
+        descriptors but the endpoint's) with the claimed endpoint handed over to it, and
+        connects at once: the connection waits in the endpoint's queue until the daemon,
+        whose :func:`dockpoint.claim` adopts the endpoint, accepts it. Of any number of
+        frontends racing, exactly one starts a daemon; the others connect to the endpoint
+        it holds. Returns once the daemon has adopted the endpoint.
+
+        :param argv: the daemon's command line, e.g. ``[sys.executable, "daemon.py"]``; the
+            daemon must call :func:`dockpoint.claim` for the same ``app_name`` and
+            ``instance``.
+        :param timeout: seconds to wait at most for a connection (``None``: for ever).
+        :param log: a file the daemon's standard output and error are appended to
+            (created ``0600``); by default they go to the null device once the daemon has
+            adopted the endpoint (its earlier error output is kept for :class:`SpawnError`).
+        :param env: the daemon's environment (default: this process's).
+        :param on_spawn: called with the daemon's process id right after it starts.
+        :returns: the connection to the daemon.
+        :raises SpawnError: the daemon ended (or let go of the endpoint) before adopting
+            it; the message gives its exit status and the tail of its error output.
+        :raises TimeoutError: no connection within ``timeout``; a daemon this call started
+            that had not adopted the endpoint by then is killed.
+        :raises TypeError: a name is not a ``str``, or ``argv`` is not a sequence of
+            strings or paths.
+        :raises ValueError: a name breaks the naming rules, or ``argv`` is empty.
+        :raises OSError: the daemon could not be started (e.g. ``FileNotFoundError`` for a
+            missing program), or the reasons :func:`claim` and :func:`connect` give.
+        """
+        stem = endpoint_stem(app_name, instance)
+        timeout = check_timeout(timeout)
+        if isinstance(argv, (str, bytes)) or not all(
+            isinstance(arg, (str, os.PathLike)) for arg in argv
+        ):
+            raise TypeError(
+                "argv must be a sequence of str or path arguments, "
+                "e.g. [sys.executable, 'daemon.py']"
+            )
+        if not argv:
+            raise ValueError("argv must name the daemon's program: it is empty")
+        conn = self.connect(app_name, instance)
+        if conn is not None:
+            return conn
+        from ._spawn import Request, connect_or_spawn
+
+        names = (app_name, instance, stem)
+        request = Request(self, names, list(argv), timeout, log=log, env=env, on_spawn=on_spawn)
+        return connect_or_spawn(request)
 
     def probe(
         self, app_name: str, instance: str = "default", *, timeout: float | None = PROBE_TIMEOUT

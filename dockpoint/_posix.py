@@ -6,17 +6,32 @@ holder. Only the lock holder binds, renames or unlinks the socket path.
 
 from __future__ import annotations
 
+# The C module under the socket module: ``socket.py`` imports enum, selectors and more,
+# most of what ``import dockpoint`` would cost a frontend; dockpoint needs none of it.
+import _socket as socket
 import errno
 import os
 import select
-import socket
 import sys
-from stat import S_ISDIR, S_ISLNK, S_ISREG, S_ISSOCK
+from _thread import allocate_lock
+from stat import S_ISDIR, S_ISFIFO, S_ISLNK, S_ISREG, S_ISSOCK
 from time import monotonic
 
-from ._common import Api, posix_directory, socket_filename
+from ._common import (
+    Api,
+    ClaimLostError,
+    DockpointClosedError,
+    block_signals,
+    posix_directory,
+    restore_signals,
+    socket_filename,
+)
 
 assert sys.platform != "win32"  # tells type checkers this module is POSIX-only
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # pragma: no cover
+    from collections.abc import Callable
 
 _LINUX = sys.platform.startswith("linux")
 _DARWIN = sys.platform == "darwin"
@@ -34,6 +49,21 @@ _SO_NOSIGPIPE = 0x1022 if _DARWIN else 0
 # What a connect attempt raises when nobody is listening (socket.timeout and BlockingIOError:
 # a timed connect met a full backlog; the caller's retry loop tries again).
 _NOBODY = (FileNotFoundError, BlockingIOError, socket.timeout)
+_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
+#: The longest single wait (poll, connect): longer timeouts are made of such slices.
+_SLICE = 3600.0
+#: How often a waiting accept() checks that its socket and lock files are still its own.
+CHECK_INTERVAL = 0.5
+#: Counts forks; a channel made before the last fork holds the parent's bookkeeping.
+_FORKS = [0]
+_LOCK_SH, _LOCK_EX, _LOCK_NB, _LOCK_UN = 1, 2, 4, 8  # flock(2): the same on every POSIX
+
+
+def _forked() -> None:
+    _FORKS[0] += 1
+
+
+os.register_at_fork(after_in_child=_forked)
 
 
 # --------------------------------------------------------------------------- directory
@@ -122,16 +152,34 @@ def _place(directory: str, stem: str, uid: int) -> tuple[str, str]:
 
 
 def _open_directory(directory: str, uid: int) -> int:
-    """Open the checked directory ``directory``, creating it ``0700`` if missing."""
+    """Open the checked directory ``directory``, creating it ``0700`` if missing.
+
+    Every step goes through a descriptor of the parent, checked again (unless it is the
+    shared ``/tmp``), so the directory made, checked and opened is one and the same.
+    """
+    parent, _, name = directory.rpartition("/")
+    pfd = os.open(parent or "/", _DIR_FLAGS)
     try:
-        os.mkdir(directory, 0o700)
-    except FileExistsError:
-        pass
-    st = _checked_lstat(directory, uid)
-    dfd = os.open(directory, _DIR_FLAGS)
+        if directory != f"/tmp/dockpoint-{uid}":  # the user's own runtime directory
+            bad = _unsafe(parent, os.fstat(pfd), uid)
+            if bad is not None:
+                raise bad
+        try:
+            os.mkdir(name, 0o700, dir_fd=pfd)
+        except FileExistsError:
+            pass
+        st = os.lstat(name, dir_fd=pfd)
+        bad = _unsafe(directory, st, uid)
+        if bad is not None:
+            raise bad
+        if st.st_mode & 0o700 != 0o700:  # made under a strict umask (0177 gives 0600)
+            os.chmod(name, 0o700, dir_fd=pfd)
+        dfd = os.open(name, _DIR_FLAGS, dir_fd=pfd)
+    finally:
+        os.close(pfd)
     fst = os.fstat(dfd)
-    if (fst.st_dev, fst.st_ino) != (st.st_dev, st.st_ino):  # swapped under us
-        os.close(dfd)
+    if (fst.st_dev, fst.st_ino) != (st.st_dev, st.st_ino) or fst.st_mode & 0o777 != 0o700:
+        os.close(dfd)  # swapped under us
         raise PermissionError(errno.EACCES, "unsafe directory for dockpoint: it changed", directory)
     return dfd
 
@@ -205,74 +253,188 @@ else:
 # --------------------------------------------------------------------------- streams
 
 
+def _closed_meanwhile() -> DockpointClosedError:
+    return DockpointClosedError(errno.EBADF, "DockpointConnection was closed while in use")
+
+
 class _Channel:
-    __slots__ = ("_sock", "peer_pid")
+    # close() from another thread must end a recv/send blocked in the kernel, and must
+    # not free the descriptor under it (a reused number would be read by the old call).
+    # So each call registers in _busy (list appends are atomic); close() marks the
+    # channel shut, shuts the socket down if a call is in flight (that wakes it, and the
+    # peer sees end of stream) and the last call to leave closes the descriptor.
+    __slots__ = ("_busy", "_gen", "_shut", "_sock", "peer_pid")
 
     def __init__(self, sock: socket.socket, peer_pid: int | None) -> None:
         self._sock = sock
         self.peer_pid = peer_pid
+        self._busy: list[None] = []
+        self._shut = False
+        self._gen = _FORKS[0]
 
     def recv(self, max_bytes: int, timeout: float | None) -> bytes:
-        if timeout is not None:
-            poller = select.poll()
-            poller.register(self._sock, _POLLIN)
-            if not poller.poll(_ms(timeout)):
-                raise TimeoutError(f"nothing to read within {timeout} s")
+        busy = self._busy
+        busy.append(None)
         try:
-            return self._sock.recv(max_bytes)
+            if self._shut:
+                raise _closed_meanwhile()
+            if timeout is None:
+                data = self._sock.recv(max_bytes)
+            else:
+                data = self._timed_recv(max_bytes, timeout)
         except ConnectionResetError:  # the peer closed with our data unread: end of stream
-            return b""
+            data = b""
+        except OSError:
+            if self._shut:
+                raise _closed_meanwhile() from None
+            raise
+        finally:
+            busy.pop()
+            if self._shut:
+                self._finish()
+        if self._shut:
+            raise _closed_meanwhile()
+        return data
+
+    def _timed_recv(self, max_bytes: int, timeout: float) -> bytes:
+        sock = self._sock
+        deadline = monotonic() + timeout
+        poller = select.poll()
+        poller.register(sock, _POLLIN)
+        while True:
+            if poller.poll(_ms(deadline - monotonic())):
+                try:  # another thread may have taken the data since the poll: poll again
+                    return sock.recv(max_bytes, _DONTWAIT)
+                except BlockingIOError:
+                    continue
+            if monotonic() >= deadline:
+                raise TimeoutError(f"nothing to read within {timeout} s")
 
     def send(self, data: bytes | memoryview) -> None:
-        self._sock.sendall(data, _NOSIGNAL)  # a closed peer is BrokenPipeError, never SIGPIPE
+        busy = self._busy
+        busy.append(None)
+        try:
+            if self._shut:
+                raise _closed_meanwhile()
+            self._sock.sendall(data, _NOSIGNAL)  # a gone peer: BrokenPipeError, not SIGPIPE
+        except OSError:
+            if self._shut:
+                raise _closed_meanwhile() from None
+            raise
+        finally:
+            busy.pop()
+            if self._shut:
+                self._finish()
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
 
     def close(self) -> None:
-        self._sock.close()
+        if self._gen != _FORKS[0]:  # a forked copy: the parent's calls are not ours
+            self._busy.clear()
+        self._shut = True
+        if self._busy:
+            try:
+                self._sock.shutdown(socket.SHUT_RDWR)  # wakes the calls in flight
+            except OSError:
+                pass
+        self._finish()
+
+    def _finish(self) -> None:
+        if not self._busy:
+            self._sock.close()  # idempotent: the socket object forgets its descriptor
 
 
 def _ms(seconds: float) -> int:
-    return int(-(-seconds * 1000 // 1))  # round up so a short wait is not a busy loop
+    """A poll timeout: rounded up (a short wait is not a busy loop), at most a slice."""
+    if seconds >= _SLICE:
+        return int(_SLICE * 1000)
+    return int(-(-seconds * 1000 // 1)) if seconds > 0 else 0
 
 
 class _Listener:
-    __slots__ = ("_dfd", "_ino", "_lock", "_name", "_owner", "_sock", "_uid", "_wake_r", "_wake_w")
+    __slots__ = (
+        "_dfd",
+        "_dir_locked",
+        "_directory",
+        "_flock",
+        "_ino",
+        "_lock",
+        "_lock_at",
+        "_lock_id",
+        "_mutex",
+        "_name",
+        "_next_check",
+        "_owner",
+        "_sock",
+        "_uid",
+        "_wake_r",
+        "_wake_w",
+        "_woken",
+    )
 
     def __init__(
         self,
         sock: socket.socket,
         dfd: int,
         lock: int,
-        wake: tuple[int, int],
-        where: tuple[str, int],
+        where: tuple[str, str, int],
+        *,
+        lock_at: tuple[str, int | None],
+        dir_locked: bool,
     ) -> None:
+        import fcntl  # loaded by the claim already; close() must not import (interpreter exit)
+
+        self._flock = fcntl.flock
         self._sock = sock
         self._dfd = dfd
+        self._dir_locked = dir_locked  # a shared flock on the directory (tmpfiles skips it)
         self._lock = lock
-        self._name, self._ino = where  # the socket's name in dfd and its inode
+        st = os.fstat(lock)
+        self._lock_id = (st.st_dev, st.st_ino)
+        self._directory, self._name, self._ino = where  # the socket's directory, name, inode
+        self._lock_at = lock_at  # the lock file's name in dfd, or its path
         self._uid = os.geteuid()
         self._owner = os.getpid()
-        self._wake_r, self._wake_w = wake  # close() from another thread writes here
+        self._mutex = allocate_lock()
+        # The wake pipe is made when a thread first has to wait: a claim that is only
+        # held costs three descriptors (socket, lock file, directory).
+        self._wake_r = self._wake_w = -1
+        self._woken = False
+        self._next_check = monotonic() + CHECK_INTERVAL
 
     def accept(self, timeout: float | None) -> _Channel | None:
         deadline = None if timeout is None else monotonic() + timeout
         poller = None
-        wake = self._wake_r
         while True:
             try:  # a client already waiting is taken at once; poll only to wait
-                conn, _ = self._sock.accept()
+                fd, _ = self._sock._accept()  # type: ignore[attr-defined]  # accept4, CLOEXEC
             except (BlockingIOError, ConnectionAbortedError):  # none yet, or it gave up
                 conn = None
+            else:
+                conn = socket.socket(fileno=fd)
             if conn is None:
                 if poller is None:  # one per call: poll objects cannot be shared by threads
+                    wake = self._wake_fd()
+                    if wake < 0:
+                        return None
                     poller = select.poll()
                     poller.register(wake, _POLLIN)
                     poller.register(self._sock, _POLLIN)
-                left = None if deadline is None else _ms(max(0.0, deadline - monotonic()))
-                ready = poller.poll(left)
+                now = monotonic()
+                if now >= self._next_check:
+                    self._next_check = now + CHECK_INTERVAL
+                    self._check()
+                left = self._next_check - now
+                if deadline is not None and deadline - now < left:
+                    left = deadline - now
+                ready = poller.poll(_ms(left))
                 if not ready:
-                    raise TimeoutError(f"no client arrived within {timeout} s")
+                    if deadline is not None and monotonic() >= deadline:
+                        raise TimeoutError(f"no client arrived within {timeout} s")
+                    continue
                 for fd, _ in ready:
-                    if fd == wake:
+                    if fd == self._wake_r:
                         return None
                 continue
             # BSD accept() inherits O_NONBLOCK from the listener; Linux's never does, so
@@ -291,15 +453,76 @@ class _Listener:
                 continue
             return _Channel(conn, pid)
 
+    def _wake_fd(self) -> int:
+        """The wake pipe's read end, made on first use; -1 once woken."""
+        if self._wake_r < 0:
+            with self._mutex:
+                if self._woken:
+                    return -1
+                if self._wake_r < 0:
+                    old = block_signals()
+                    try:
+                        self._wake_r, self._wake_w = os.pipe()
+                    finally:
+                        restore_signals(old)
+        return self._wake_r
+
     def wake(self) -> None:
-        os.write(self._wake_w, b"x")
+        with self._mutex:
+            self._woken = True
+            if self._wake_w >= 0:
+                os.write(self._wake_w, b"x")
+
+    # -------------------------------------------------------------- self-repair
+
+    def _check(self) -> None:
+        """Give up a claim whose lock file is gone; restore a deleted or replaced socket."""
+        dfd = self._dfd
+        lock_name, lock_dfd = self._lock_at
+        try:
+            st = os.lstat(lock_name, dir_fd=lock_dfd)
+            lost = (st.st_dev, st.st_ino) != self._lock_id
+        except FileNotFoundError:
+            lost = True
+        if lost:
+            raise ClaimLostError(
+                errno.EBADF,
+                "the claim was lost: its lock file was deleted or replaced, so the "
+                "endpoint was released (at most one process may serve it)",
+                lock_name if lock_dfd is None else self._directory + "/" + lock_name,
+            )
+        if not self._dir_locked:  # tmpfiles was cleaning when we claimed: try again
+            self._dir_locked = _share_lock(self._flock, dfd)
+        try:
+            st = os.lstat(self._name, dir_fd=dfd)
+            intact = st.st_ino == self._ino and S_ISSOCK(st.st_mode)
+            foreign = not S_ISSOCK(st.st_mode)  # a file was put there: leave it alone
+        except FileNotFoundError:
+            intact = foreign = False
+        if intact or foreign or not self._mutex.acquire(False):
+            return
+        old = block_signals()
+        try:
+            try:
+                sock, _, ino = _bind(dfd, self._directory, self._name)
+            except OSError:
+                return  # e.g. something planted meanwhile: try again at the next check
+            try:  # same descriptor number: threads polling it see the new socket next time
+                os.dup2(sock.fileno(), self._sock.fileno(), inheritable=False)
+                self._ino = ino
+            finally:
+                sock.close()
+        finally:
+            self._mutex.release()
+            restore_signals(old)
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
 
     def close(self) -> None:
         if os.getpid() != self._owner:  # never unlink or unlock for the parent
             self.forget()
             return
-        import fcntl  # loaded by the claim already
-
         try:  # remove the socket while still holding the lock, if it is still ours
             if os.lstat(self._name, dir_fd=self._dfd).st_ino == self._ino:
                 os.unlink(self._name, dir_fd=self._dfd)
@@ -308,21 +531,37 @@ class _Listener:
         finally:
             try:
                 os.ftruncate(self._lock, 0)  # no holder pid for status tools
-                fcntl.flock(self._lock, fcntl.LOCK_UN)  # also for copies a fork may hold
+                self._flock(self._lock, _LOCK_UN)  # also for copies a fork may hold
+                self._flock(self._dfd, _LOCK_UN)
             finally:
                 self.forget()
+
+    def handles(self) -> tuple[int, int]:
+        """The listening socket's and the lock file's descriptors, for a hand-over."""
+        return self._sock.fileno(), self._lock
 
     def forget(self) -> None:
         """Close this process's descriptors only."""
         self._sock.close()
         for fd in (self._wake_r, self._wake_w, self._lock, self._dfd):
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
+        self._wake_r = self._wake_w = self._lock = self._dfd = -1
 
 
 # --------------------------------------------------------------------------- backend
 
 
-def _lock(dfd: int, directory: str, stem: str, uid: int) -> int | None:
+def _share_lock(flock: Callable[[int, int], None], dfd: int) -> bool:
+    """Take a shared ``flock`` on the directory: ``systemd-tmpfiles --clean`` skips it."""
+    try:
+        flock(dfd, _LOCK_SH | _LOCK_NB)
+    except OSError:  # held exclusively (a cleaner at work right now), or unsupported
+        return False
+    return True
+
+
+def _lock(dfd: int, directory: str, stem: str, uid: int, info: str | None) -> int | None:
     import fcntl  # here, not at the top: a client that only connects never loads it
 
     name = stem + ".lock"
@@ -340,8 +579,12 @@ def _lock(dfd: int, directory: str, stem: str, uid: int) -> int | None:
             return None
         if st.st_mode & 0o7777 != 0o1600:
             _chmod_sticky(lambda mode: os.fchmod(fd, mode))
+        # For status tools: the holder's pid, then its info= text; the lock decides.
+        text = b"%d\n" % os.getpid()
+        if info:
+            text += info.encode() + b"\n"
         os.ftruncate(fd, 0)
-        os.pwrite(fd, b"%d\n" % os.getpid(), 0)  # for status tools; the lock decides
+        os.pwrite(fd, text, 0)
     except BaseException:
         os.close(fd)
         raise
@@ -379,7 +622,13 @@ def _bind(dfd: int, directory: str, name: str) -> tuple[socket.socket, str, int]
         pass
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        sock.bind(prefix + "/" + temp)
+        if _PROC_ALIAS:  # bind in the directory checked and opened, not by its path again
+            try:
+                sock.bind(f"/proc/self/fd/{dfd}/{temp}")
+            except FileNotFoundError:  # no /proc mounted
+                sock.bind(prefix + "/" + temp)
+        else:  # no bindat(2) here: the path, whose directory is the user's own
+            sock.bind(prefix + "/" + temp)
         try:
             _chmod_sticky(lambda mode: os.chmod(temp, mode, dir_fd=dfd))
             ino = os.lstat(temp, dir_fd=dfd).st_ino
@@ -388,7 +637,10 @@ def _bind(dfd: int, directory: str, name: str) -> tuple[socket.socket, str, int]
             # Clients see either the old path or a listening, private socket: never a gap.
             os.rename(temp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
         except BaseException:
-            os.unlink(temp, dir_fd=dfd)
+            try:
+                os.unlink(temp, dir_fd=dfd)
+            except FileNotFoundError:
+                pass
             raise
     except BaseException:
         sock.close()
@@ -407,7 +659,7 @@ def _holder_alive(directory: str, stem: str) -> bool:
     finally:
         os.close(fd)
     try:
-        pid = int(text)
+        pid = int(text.partition(b"\n")[0])  # line 1; line 2 is the holder's info
     except ValueError:
         return False
     if pid <= 0:
@@ -419,11 +671,6 @@ def _holder_alive(directory: str, stem: str) -> bool:
     except PermissionError:
         return True  # alive, another user's pid: the kernel recycled it, or a foreign daemon
     return True
-
-
-def _close(fds: list[int]) -> None:
-    for fd in fds:
-        os.close(fd)
 
 
 # --------------------------------------------------------------------------- inspection
@@ -554,7 +801,8 @@ def _knock(where: str, name: str, timeout: float | None) -> tuple[str, int | Non
         dfd = os.open(where, _DIR_FLAGS)
     try:
         target = _bind_directory(where, name, dfd) + "/" + name
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # _socket: no "with"
+        try:
             sock.settimeout(timeout)
             try:
                 sock.connect(target)
@@ -563,6 +811,8 @@ def _knock(where: str, name: str, timeout: float | None) -> tuple[str, int | Non
             except (BlockingIOError, socket.timeout):
                 return "timeout", None
             pid, peer_uid = _peer(sock)
+        finally:
+            sock.close()
     finally:
         if dfd is not None:
             os.close(dfd)
@@ -757,43 +1007,204 @@ def _inspect(stem: str, timeout: float | None) -> tuple[str, str, int | None, st
     return state, address, pid, info, reason
 
 
+def _close(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
+
+
+#: The environment variable that hands a claimed endpoint to a spawned daemon (see
+#: ``connect_or_spawn``): ``<stem>:<socket fd>:<lock fd>:<ready fd>:<stderr>``.
+HANDOVER = "DOCKPOINT_HANDOVER"
+
+
+def _adopt(stem: str, info: str | None = None) -> tuple[_Listener, str] | None:
+    """Adopt the endpoint ``stem`` handed over in the environment, after verifying it.
+
+    ``None`` when the environment hands over nothing for ``stem``, or when what it names
+    is not this endpoint, claimed by this process (then the caller claims as usual). The
+    variable is removed either way once it names ``stem``, so children never inherit it.
+    """
+    text = os.environ.get(HANDOVER)
+    if not text or text.partition(":")[0] != stem:
+        return None
+    del os.environ[HANDOVER]
+    fields = text.split(":")
+    if len(fields) != 5 or not all(f.isdigit() for f in fields[1:4]):
+        return None
+    sock_fd, lock_fd, ready_fd = int(fields[1]), int(fields[2]), int(fields[3])
+    uid = os.geteuid()
+    directory = _directory(check=True, uid=uid)
+    dfd = _open_directory(directory, uid)
+    fds = [dfd]
+    sock = None
+    try:
+        name = socket_filename(directory, stem, SUN_PATH_MAX)
+        if not _handed_over(sock_fd, lock_fd, dfd, (directory, stem, name)):
+            _close(fds)
+            return None
+        sock = socket.socket(fileno=sock_fd)
+        ino = os.lstat(name, dir_fd=dfd).st_ino
+        # Nothing may fail from here on: the descriptors are ours now.
+        os.set_inheritable(sock_fd, False)  # exec'd children inherit nothing
+        os.set_inheritable(lock_fd, False)
+        sock.setblocking(False)
+        sock.listen(_BACKLOG)  # again: clients' peer credentials now name this process
+        os.ftruncate(lock_fd, 0)
+        record = b"%d\n" % os.getpid()
+        if info is not None:
+            record += info.encode() + b"\n"
+        os.pwrite(lock_fd, record, 0)
+    except BaseException:
+        if sock is not None:
+            sock.detach()
+        _close(fds)
+        raise
+    import fcntl
+
+    shared = _share_lock(fcntl.flock, dfd)
+    listener = _Listener(
+        sock, dfd, lock_fd, (directory, name, ino), lock_at=(stem + ".lock", dfd), dir_locked=shared
+    )
+    _ready(ready_fd, fields[4])
+    return listener, directory + "/" + name
+
+
+def _handed_over(sock_fd: int, lock_fd: int, dfd: int, where: tuple[str, str, str]) -> bool:
+    """Whether ``sock_fd`` is the listening socket of the endpoint ``where`` (directory,
+    stem, socket name) and ``lock_fd`` its lock file, locked through this very open file
+    description."""
+    directory, stem, name = where
+    try:
+        return _our_socket(sock_fd, directory, name, dfd) and _our_lock(lock_fd, stem, dfd)
+    except OSError:  # EBADF (not open here), ENOTSOCK, ...
+        return False
+
+
+def _our_socket(fd: int, directory: str, name: str, dfd: int) -> bool:
+    if not S_ISSOCK(os.fstat(fd).st_mode) or not S_ISSOCK(os.lstat(name, dir_fd=dfd).st_mode):
+        return False
+    probe = socket.socket(fileno=os.dup(fd))
+    try:
+        bound = probe.getsockname()
+        if (
+            probe.family != socket.AF_UNIX
+            or probe.type != socket.SOCK_STREAM
+            or not probe.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+            or not isinstance(bound, str)
+        ):
+            return False
+    finally:
+        probe.close()
+    # Bound by listen() as <name>.new, then renamed into place (on Linux through the
+    # /proc/self/fd alias of the directory, with the frontend's descriptor number).
+    prefix, _, base = bound.rpartition("/")
+    alias = prefix.startswith("/proc/self/fd/") and prefix[14:].isdigit()
+    return base == name[:-5] + ".new" and (prefix == directory or (alias and _PROC_ALIAS))
+
+
+def _our_lock(fd: int, stem: str, dfd: int) -> bool:
+    import fcntl
+
+    st, path = os.fstat(fd), os.lstat(stem + ".lock", dir_fd=dfd)
+    if not S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+        return False
+    if (st.st_dev, st.st_ino) != (path.st_dev, path.st_ino):
+        return False
+    # Held, and through the inherited open file description: a fresh one cannot take the
+    # lock (someone holds it), the inherited one can (it has it already).
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+    other = os.open(stem + ".lock", flags, dir_fd=dfd)
+    try:
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pass
+    else:
+        return False  # nobody held it: not a claim handed over
+    finally:
+        os.close(other)  # also drops a lock it took
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False  # held through another open file description: someone else's claim
+    return True
+
+
+def _ready(ready_fd: int, stderr: str) -> None:
+    """Tell the spawning frontend the endpoint is adopted; stop its early-stderr capture."""
+    try:
+        st = os.fstat(2)
+        if stderr.isdigit() and S_ISFIFO(st.st_mode) and st.st_ino == int(stderr):
+            # fd 2 is the frontend's capture pipe, which it closes once told: point it at
+            # the null device first, so later writes never meet EPIPE (or SIGPIPE).
+            if sys.stderr is not None:
+                try:
+                    sys.stderr.flush()
+                except (OSError, ValueError):
+                    pass
+            null = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+            os.dup2(null, 2)  # fd 2 stays inheritable: dup2 clears close-on-exec
+            os.close(null)
+    except OSError:
+        pass
+    try:
+        if S_ISFIFO(os.fstat(ready_fd).st_mode):
+            try:
+                os.write(ready_fd, b"+")
+            finally:
+                os.close(ready_fd)
+    except OSError:
+        pass  # the frontend has gone: nothing to tell
+
+
 class _Backend:
+    adopt = staticmethod(_adopt)
+
     @staticmethod
     def locate(stem: str) -> str:
         uid = os.geteuid()
         return "/".join(_place(_directory(check=False, uid=uid), stem, uid))
 
     @staticmethod
-    def listen(stem: str) -> tuple[_Listener, str] | None:
+    def listen(stem: str, info: str | None = None) -> tuple[_Listener, str] | None:
+        # Runs with signals blocked (Api.claim): every step either completes or is undone.
         uid = os.geteuid()
         directory = _directory(check=True, uid=uid)
         dfd = _open_directory(directory, uid)
-        fds = [dfd]
         try:
-            fds += os.pipe()  # made first: nothing may fail once the socket is in place
-            lock = _lock(dfd, directory, stem, uid)
+            lock = _lock(dfd, directory, stem, uid, info)
             if lock is None:
-                _close(fds)
+                os.close(dfd)
                 return None
             try:
+                import fcntl
+
                 where, name = _place(directory, stem, uid)
                 if where != directory:  # the socket lives in the short fallback directory
                     sdfd = _open_directory(where, uid)
                     os.close(dfd)  # the lock is open; the listener keeps the socket's dir
-                    fds[0] = dfd = sdfd
+                    dfd = sdfd
+                    lock_at: tuple[str, int | None] = (directory + "/" + stem + ".lock", None)
+                else:
+                    lock_at = (stem + ".lock", dfd)
+                shared = _share_lock(fcntl.flock, dfd)
                 sock, path, ino = _bind(dfd, where, name)
+                try:
+                    listener = _Listener(
+                        sock, dfd, lock, (where, name, ino), lock_at=lock_at, dir_locked=shared
+                    )
+                except BaseException:
+                    os.unlink(name, dir_fd=dfd)
+                    sock.close()
+                    raise
             except BaseException:
-                import fcntl
-
                 os.ftruncate(lock, 0)
                 fcntl.flock(lock, fcntl.LOCK_UN)
                 os.close(lock)
                 raise
         except BaseException:
-            _close(fds)
+            os.close(dfd)
             raise
-        name = path.rpartition("/")[2]
-        return _Listener(sock, dfd, lock, (fds[1], fds[2]), (name, ino)), path
+        return listener, path
 
     @staticmethod
     def inspect(stem: str, timeout: float | None) -> tuple[str, str, int | None, str | None, str]:
@@ -826,13 +1237,19 @@ class _Backend:
     @staticmethod
     def dial(stem: str, timeout: float | None) -> _Channel | None:
         uid = os.geteuid()
+        # One lstat: the endpoint directory's (see the README's security model); the peer's
+        # uid, checked below, proves the daemon is this user's.
+        directory = _directory(check=False, uid=uid)
         try:
-            directory = _directory(check=True, uid=uid)
             st = _checked_lstat(directory, uid)
             where, name = _place(directory, stem, uid)
             if where != directory:  # the socket lives in the short fallback directory
                 st = _checked_lstat(where, uid)
         except FileNotFoundError:  # no runtime dir (logged out) or no endpoint dir yet
+            try:
+                _directory(check=True, uid=uid)  # an unsafe runtime dir is reported as such
+            except FileNotFoundError:
+                pass
             return None
         target = where + "/" + name
         short = len(target) <= SUN_PATH_MAX and target.isascii()  # the common case
@@ -851,8 +1268,8 @@ class _Backend:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 timed = timeout is not None or socket.getdefaulttimeout() is not None
-                if timed:
-                    sock.settimeout(timeout)
+                if timed:  # one slice at most: Api.connect's loop tries again
+                    sock.settimeout(None if timeout is None else min(timeout, _SLICE))
                 try:
                     sock.connect(target)
                 except ConnectionRefusedError:
@@ -861,6 +1278,9 @@ class _Backend:
                         # macOS/BSD refuse when the backlog is full: busy, not absent
                         raise BlockingIOError(errno.EAGAIN, "the daemon is busy", target) from None
                     return None
+                except BlockingIOError:  # a timed connect (Linux) met a full backlog: busy
+                    sock.close()
+                    raise BlockingIOError(errno.EAGAIN, "the daemon is busy", target) from None
                 except _NOBODY:
                     sock.close()
                     return None

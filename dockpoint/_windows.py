@@ -1,4 +1,4 @@
-"""Windows backend: a named pipe scoped to the user's SID, claimed by its first instance.
+"""Windows backend: a named pipe scoped to the user's SID, claimed through a lock file.
 
 Where: ``\\\\.\\pipe\\dockpoint-<user SID>-<app>@<instance>``. Windows compares pipe names
 case-insensitively, so names that differ only in case would meet anyway; dockpoint lower-cases
@@ -6,103 +6,153 @@ case-insensitively, so names that differ only in case would meet anyway; dockpoi
 so ``"MyApp"`` and ``"myapp"`` are one endpoint on Windows and POSIX alike. A pipe name is at
 most 256 characters; a longer one is a ``ValueError``.
 
-Claim: creating the first instance with ``FILE_FLAG_FIRST_PIPE_INSTANCE`` is atomic; losing
-that race (``ERROR_ACCESS_DENIED``) means someone holds the claim. (A side-effect-free
-``WaitNamedPipeW`` probe first returns ``None`` early when the name exists; it decides no race,
-but it lets Wine, which ignores the flag, refuse a claim made while another is held.) The claim
-lasts while any server instance of the pipe is open: the listening ones, and also the
-connections the holder accepted. So, unlike POSIX, a holder that closes its ``Dockpoint``
-still blocks the next claim (and makes clients wait) until it has closed the connections it
-accepted too. A crashed holder's instances die with it.
+Claim: an exclusive ``LockFileEx`` lock on ``%LOCALAPPDATA%\\dockpoint\\<app>@<instance>.lock``
+decides it, as ``flock`` does on POSIX: the kernel drops the lock with its process, so a dead
+holder never wedges the name. The lock file holds the holder's pid (line 1) and the ``info``
+text (line 2, optional); it is never deleted. Two byte ranges far beyond the text are locked:
+the *claim* range, which claimers race for, and the *alive* range, which the holder takes
+next and which clients test with a shared lock (never the claim range, so a client's test
+cannot make a claimer lose). The directory is created with a protected DACL that admits
+only the user; an existing one must be a real directory (no junction or symlink) owned by
+the user whose DACL allows nobody but the user, SYSTEM and Administrators, else
+``PermissionError`` naming it. The lock holder creates the pipe's first instance with
+``FILE_FLAG_FIRST_PIPE_INSTANCE``; if the name exists all the same (instances of a dead
+holder that its clients keep open: the pipe file system keeps a name while any end of any
+instance is open), it adds an instance to that pipe after checking the pipe is the user's
+own (owner, DACL and integrity label); any other pipe there is a squatter: ``PermissionError``
+naming the pipe.
 
 Accept: one listening instance is always free for the next client, also between ``accept``
-calls (a client that connects then is served by the next ``accept``); a client that finds
-every instance busy waits for one with ``WaitNamedPipeW``. A client that connected, wrote
-and closed before ``accept`` (``ERROR_NO_DATA``) is still handed out, as POSIX hands out
-such a socket: its data can be read, then end of stream.
+calls (a client that connects then is served by the next ``accept``). Only one thread at a
+time waits in ``ConnectNamedPipe`` on it; other ``accept`` calls wait for their turn with
+their own timeout. A wait that ends (timeout, ``close()``, Ctrl+C) leaves the instance
+listening in the pool, with any client that connected meanwhile, for the next ``accept``:
+no client is ever closed unserved. A client that connected, wrote and closed before
+``accept`` (``ERROR_NO_DATA``) is still handed out, as POSIX hands out such a socket.
+
+Connect: a client that finds every instance busy waits with ``WaitNamedPipeW`` while the
+lock says a holder is alive; a single attempt (``timeout=None``) gives up (``None``) once it
+has waited :data:`dockpoint._common.BUSY_GRACE` seconds with no instance coming free, so a hung
+daemon cannot block it for ever while a busy one serving a burst keeps it. Busy
+instances with no lock holder (a holder that closed its ``Dockpoint`` but keeps accepted
+connections, or a dead one's) mean nobody is there: ``None``. A failed wait means "open
+again", which decides.
 
 Security: the pipe's owner is the user's SID and its protected DACL has one entry, full
 access for that SID (the instances after the first need ``FILE_CREATE_PIPE_INSTANCE``).
 SYSTEM and Administrators are deliberately not listed: they are other users here, and an
 administrator who wants in can take ownership anyway; an elevated process of the *same* user
-carries the user's SID and is admitted. Processes below Medium integrity (sandboxes) are
-kept out by the implicit Medium label. ``PIPE_REJECT_REMOTE_CLIENTS`` keeps the network out.
-Clients open the pipe with ``SECURITY_IDENTIFICATION`` (the daemon cannot impersonate them)
-and trust the server only if the pipe's owner is their own SID or, failing that, the server
-process's token user is: a pipe squatter of another user gets ``PermissionError``, an
-elevated daemon of the same user does not. A server written in another language must set
-the owner the same way (or run as the user) to be trusted.
+carries the user's SID and is admitted. The pipe carries no explicit integrity label: the
+implicit Medium label keeps processes below Medium (sandboxes) from opening it, and a
+daemon of the user at Medium or High integrity serves clients at either.
+``PIPE_REJECT_REMOTE_CLIENTS`` keeps the network out. Clients open the pipe with
+``SECURITY_IDENTIFICATION`` (the daemon cannot impersonate them) and trust the server only
+if the pipe's owner is their own SID, or the owner is Administrators (the default owner of
+an elevated process, which a normal user cannot set) and the server process runs as the
+user; a pipe labelled below Medium integrity (a same-user sandbox squatting the name) is
+refused. A refused server is a ``PermissionError``. A server written in another language
+must set the owner the same way to be trusted.
 
 I/O is overlapped and waited on in slices of at most 100 ms together with a wake event, so
 ``timeout=``, ``close()`` from another thread and Ctrl+C all end a wait; a cancelled
-operation is always waited for before its ``OVERLAPPED`` and buffer are released.
+operation is always waited for before its ``OVERLAPPED`` and buffer are released, and if
+that wait is itself interrupted they are kept (leaked) rather than freed.
 """
 
 from __future__ import annotations
 
 import errno
+import os
 import sys
 from _thread import allocate_lock
-from time import monotonic
+from time import monotonic, sleep
 
-from ._common import Api, DockpointClosedError, pipe_name
+from ._common import BUSY_GRACE, Api, DockpointClosedError, no_fileno, pipe_name
+from ._win32 import (
+    DACL_SECURITY_INFORMATION,
+    ERROR_ACCESS_DENIED,
+    ERROR_ALREADY_EXISTS,
+    ERROR_BROKEN_PIPE,
+    ERROR_FILE_NOT_FOUND,
+    ERROR_IO_PENDING,
+    ERROR_LOCK_VIOLATION,
+    ERROR_NO_DATA,
+    ERROR_OPERATION_ABORTED,
+    ERROR_PATH_NOT_FOUND,
+    ERROR_PIPE_BUSY,
+    ERROR_PIPE_CONNECTED,
+    ERROR_PIPE_NOT_CONNECTED,
+    ERROR_SEM_TIMEOUT,
+    FILE_ATTRIBUTE_DIRECTORY,
+    FILE_ATTRIBUTE_REPARSE_POINT,
+    FILE_FLAG_FIRST_PIPE_INSTANCE,
+    FILE_FLAG_OPEN_REPARSE_POINT,
+    FILE_FLAG_OVERLAPPED,
+    FILE_SHARE_DELETE,
+    FILE_SHARE_READ,
+    FILE_SHARE_WRITE,
+    GENERIC_READ,
+    GENERIC_WRITE,
+    INVALID_FILE_ATTRIBUTES,
+    LABEL_SECURITY_INFORMATION,
+    LOCKFILE_EXCLUSIVE_LOCK,
+    LOCKFILE_FAIL_IMMEDIATELY,
+    OPEN_ALWAYS,
+    OPEN_EXISTING,
+    OWNER_SECURITY_INFORMATION,
+    PIPE_ACCESS_DUPLEX,
+    PIPE_READMODE_BYTE,
+    PIPE_REJECT_REMOTE_CLIENTS,
+    PIPE_TYPE_BYTE,
+    PIPE_UNLIMITED_INSTANCES,
+    PIPE_WAIT,
+    PROCESS_QUERY_LIMITED_INFORMATION,
+    SDDL_REVISION_1,
+    SE_FILE_OBJECT,
+    SE_KERNEL_OBJECT,
+    SECURITY_IDENTIFICATION,
+    SECURITY_SQOS_PRESENT,
+    TOKEN_QUERY,
+    WAIT_OBJECT_0,
+    WAIT_TIMEOUT,
+    TokenUser,
+)
 
 TYPE_CHECKING = False
-if TYPE_CHECKING:  # pragma: no cover
-    from collections.abc import Callable
-    from typing import Any
-
-    _Bool = Callable[..., int]  # BOOL and DWORD results
-    _Handle = Callable[..., "int | None"]  # HANDLE and pointer results
-
-# --------------------------------------------------------------------------- SDK constants
-
-ERROR_FILE_NOT_FOUND = 2
-ERROR_ACCESS_DENIED = 5
-ERROR_BROKEN_PIPE = 109
-ERROR_SEM_TIMEOUT = 121
-ERROR_INSUFFICIENT_BUFFER = 122
-ERROR_PIPE_BUSY = 231
-ERROR_NO_DATA = 232
-ERROR_PIPE_NOT_CONNECTED = 233
-ERROR_PIPE_CONNECTED = 535
-ERROR_OPERATION_ABORTED = 995
-ERROR_IO_PENDING = 997
-
-GENERIC_READ = 0x80000000
-GENERIC_WRITE = 0x40000000
-OPEN_EXISTING = 3
-FILE_FLAG_OVERLAPPED = 0x40000000
-FILE_FLAG_FIRST_PIPE_INSTANCE = 0x00080000
-SECURITY_SQOS_PRESENT = 0x00100000
-SECURITY_IDENTIFICATION = 1 << 16  # SecurityIdentification << 16
-PIPE_ACCESS_DUPLEX = 0x00000003
-PIPE_TYPE_BYTE = 0x00000000
-PIPE_READMODE_BYTE = 0x00000000
-PIPE_WAIT = 0x00000000
-PIPE_REJECT_REMOTE_CLIENTS = 0x00000008
-PIPE_UNLIMITED_INSTANCES = 255
-TOKEN_QUERY = 0x0008
-TokenUser = 1
-PROCESS_QUERY_LIMITED_INFORMATION = 0x1000
-SDDL_REVISION_1 = 1
-SE_KERNEL_OBJECT = 6
-OWNER_SECURITY_INFORMATION = 0x00000001
-WAIT_OBJECT_0 = 0x00000000
-WAIT_TIMEOUT = 0x00000102
 
 #: Longest pipe name Windows accepts, ``\\.\pipe\`` included.
 PIPE_NAME_MAX = 256
+#: Well-known SIDs.
+ADMINISTRATORS = "S-1-5-32-544"
+SYSTEM = "S-1-5-18"
+CREATOR_OWNER = "S-1-3-0"
+OWNER_RIGHTS = "S-1-3-4"
+#: Integrity levels (the RID of ``S-1-16-<rid>``); SDDL writes them as these aliases.
+MEDIUM_INTEGRITY = 0x2000
+_INTEGRITY_ALIASES = {"LW": 0x1000, "ME": 0x2000, "MP": 0x2100, "HI": 0x3000, "SI": 0x4000}
+_SID_ALIASES = {"SY": SYSTEM, "BA": ADMINISTRATORS, "CO": CREATOR_OWNER, "OW": OWNER_RIGHTS}
+#: Who may appear in an allow entry of the lock directory's or the pipe's DACL besides the
+#: user: SYSTEM and Administrators can take anything anyway; CREATOR OWNER and OWNER RIGHTS
+#: stand for the owner, which must be the user.
+_TOLERATED = frozenset({SYSTEM, ADMINISTRATORS, CREATOR_OWNER, OWNER_RIGHTS})
 _OPEN_MODE = PIPE_ACCESS_DUPLEX | FILE_FLAG_OVERLAPPED
 _PIPE_MODE = PIPE_TYPE_BYTE | PIPE_READMODE_BYTE | PIPE_WAIT | PIPE_REJECT_REMOTE_CLIENTS
 _DIAL_FLAGS = FILE_FLAG_OVERLAPPED | SECURITY_SQOS_PRESENT | SECURITY_IDENTIFICATION
+_SHARE_ALL = FILE_SHARE_READ | FILE_SHARE_WRITE | FILE_SHARE_DELETE
 _BUFFER = 65536  # pipe buffer quota each way; advisory, the kernel grows it as needed
 _WRITE_CHUNK = 1 << 20  # one WriteFile at most; also bounds the copy of a read-only view
 _SLICE_MS = 100  # longest uninterrupted wait, so Ctrl+C is noticed promptly
+#: The lock file's byte ranges (offset low, offset high; one byte each), far beyond its text
+#: so that locking them never blocks reading the pid and info.
+_CLAIM_RANGE = (0, 0x40000000)
+_ALIVE_RANGE = (1, 0x40000000)
+_ALIVE_WAIT = 5.0  # a client's shared test lock on the alive range lasts microseconds
 #: Errors that mean the peer has closed its end: ``read`` returns ``b""``.
 _END_OF_STREAM = frozenset({ERROR_BROKEN_PIPE, ERROR_PIPE_NOT_CONNECTED, ERROR_NO_DATA})
-#: ``CreateNamedPipeW`` errors for a first instance that mean "someone holds the claim".
+#: ``CreateNamedPipeW`` errors that mean "the name exists and this instance may not be made".
 _CLAIMED = frozenset({ERROR_ACCESS_DENIED, ERROR_PIPE_BUSY})
+#: ``ConnectNamedPipe`` results that mean a client is on the instance.
+_CONNECTED = frozenset({0, ERROR_PIPE_CONNECTED, ERROR_NO_DATA})
 
 
 # --------------------------------------------------------------------------- pure logic
@@ -119,25 +169,142 @@ def _pipe_path(user_sid: str, stem: str) -> str:
     return name
 
 
-def _sddl(user_sid: str) -> str:
-    """The pipe's security descriptor: owned by ``user_sid``, a protected DACL that grants
-    only ``user_sid`` full access (no inherited entries, no SYSTEM, no Administrators)."""
+def _check_sid(user_sid: str) -> str:
     parts = user_sid.split("-")
     if len(parts) < 3 or parts[0] != "S" or not all(p.isascii() and p.isdigit() for p in parts[1:]):
         raise ValueError(f"not a string SID: {user_sid!r}")
-    return f"O:{user_sid}D:P(A;;GA;;;{user_sid})"
+    return user_sid
+
+
+def _sddl(user_sid: str) -> str:
+    """The pipe's security descriptor: owned by ``user_sid``, a protected DACL that grants
+    only ``user_sid`` full access (no inherited entries, no SYSTEM, no Administrators)."""
+    sid = _check_sid(user_sid)
+    return f"O:{sid}D:P(A;;GA;;;{sid})"
+
+
+def _directory_sddl(user_sid: str) -> str:
+    """The lock directory's security descriptor: owned by ``user_sid``, a protected DACL
+    whose one entry grants ``user_sid`` full access, inherited by the files made in it."""
+    sid = _check_sid(user_sid)
+    return f"O:{sid}D:P(A;OICI;FA;;;{sid})"
+
+
+def _lock_path(local_app_data: str | None, stem: str) -> tuple[str, str]:
+    """``(directory, lock file)`` for ``stem`` under ``%LOCALAPPDATA%``.
+
+    :raises FileNotFoundError: ``LOCALAPPDATA`` is unset or not an absolute path.
+    """
+    base = (local_app_data or "").rstrip("\\/")
+    absolute = len(base) >= 2 and (base[1] == ":" or base.startswith("\\\\"))
+    if not absolute:
+        raise FileNotFoundError(
+            errno.ENOENT,
+            "LOCALAPPDATA must be set to an absolute path: dockpoint keeps its lock files in "
+            f"%LOCALAPPDATA%\\dockpoint (it is {local_app_data!r})",
+        )
+    directory = base + "\\dockpoint"
+    return directory, f"{directory}\\{stem}.lock"
+
+
+def _lock_text(pid: int, info: str | None) -> bytes:
+    """The lock file's content: the pid, then the optional one-line ``info``, UTF-8."""
+    text = f"{pid}\n"
+    if info is not None:
+        if "\n" in info or "\r" in info:
+            raise ValueError("info must be a single line (no '\\n' or '\\r')")
+        text += info + "\n"
+    return text.encode("utf-8")
+
+
+def _sddl_part(sddl: str, key: str) -> str | None:
+    """The text after ``key:`` (``"O"``, ``"D"``, ``"S"``) up to the next part, or ``None``."""
+    depth, i, found = 0, 0, None
+    while i < len(sddl):
+        c = sddl[i]
+        if c == "(":
+            depth += 1
+        elif c == ")":
+            depth -= 1
+        elif depth == 0 and sddl[i + 1 : i + 2] == ":" and c in "OGDS":
+            if found is not None:
+                return sddl[found:i]
+            if c == key:
+                found = i + 2
+            i += 1
+        i += 1
+    return None if found is None else sddl[found:]
+
+
+def _aces(acl: str) -> list[list[str]]:
+    """The entries of an SDDL ACL, each split at ``;`` (type, flags, rights, ..., trustee)."""
+    aces = []
+    for chunk in acl.split("(")[1:]:
+        body, _, _ = chunk.partition(")")
+        aces.append(body.split(";"))
+    return aces
+
+
+def _trustee(text: str) -> str:
+    """An SDDL trustee as a string SID where dockpoint knows the alias."""
+    return _SID_ALIASES.get(text, text)
+
+
+def _unsafe(sddl: str, user_sid: str) -> str | None:
+    """Why an object with security descriptor ``sddl`` (owner and DACL, as SDDL with
+    trustees as string SIDs or the aliases of ``_SID_ALIASES``) is not the user's alone,
+    or ``None`` if it is: owned by the user, with a DACL (none means everyone may do
+    anything) whose allow entries name only the user and ``_TOLERATED``."""
+    owner = _sddl_part(sddl, "O")
+    if owner is None or _trustee(owner) != user_sid:
+        return f"it is owned by {owner}, not by this user ({user_sid})"
+    dacl = _sddl_part(sddl, "D")
+    if dacl is None or dacl.startswith("NO_ACCESS_CONTROL"):
+        return "it has no DACL, so everyone has full access"
+    for ace in _aces(dacl):
+        if len(ace) < 6:
+            return f"its DACL has an entry dockpoint cannot read: {';'.join(ace)!r}"
+        kind, trustee = ace[0], _trustee(ace[5])
+        if kind in ("D", "OD", "XD"):  # deny entries only take away
+            continue
+        if trustee != user_sid and trustee not in _TOLERATED:
+            return f"its DACL grants access to {ace[5]}"
+    return None
+
+
+def _integrity(sddl: str) -> int | None:
+    """The integrity level in the mandatory label of ``sddl`` (its ``S:`` part), or
+    ``None`` when it has no label (then Windows treats the object as Medium)."""
+    sacl = _sddl_part(sddl, "S")
+    for ace in _aces(sacl or ""):
+        if ace[0] == "ML" and len(ace) >= 6:
+            level = ace[5]
+            if level in _INTEGRITY_ALIASES:
+                return _INTEGRITY_ALIASES[level]
+            if level.startswith("S-1-16-") and level[7:].isdigit():
+                return int(level[7:])
+            return 0  # a label dockpoint cannot read: treat it as the lowest
+    return None
 
 
 def _trusted(user_sid: str, owner_sid: str | None, server_user_sid: str | None) -> bool:
-    """Whether a client trusts the pipe server.
+    """Whether a client trusts the pipe server by its owner.
 
     The owner is the strong signal: only the user (or someone with SeRestorePrivilege) can
-    make the user's SID the owner. The server process's token user is the fallback for
-    servers that leave the owner at a group (an elevated process's default owner is
-    Administrators) yet run as the user; an elevated dockpoint daemon sets the owner to
-    the user, so it passes either way.
+    make the user's SID the owner. The only fallback is an owner of Administrators, the
+    default owner of an elevated process, which a normal user cannot set: then the server
+    process's token user must be the user (its pid could be reused only by a process that
+    an unprivileged attacker could not have made the owner of such a pipe anyway).
     """
-    return user_sid in (owner_sid, server_user_sid)
+    if owner_sid == user_sid:
+        return True
+    return owner_sid == ADMINISTRATORS and server_user_sid == user_sid
+
+
+def _integrity_trusted(level: int | None) -> bool:
+    """Whether a pipe's integrity label lets a client trust it: no label (implicit
+    Medium) or at least Medium; below means a sandboxed process made the pipe."""
+    return level is None or level >= MEDIUM_INTEGRITY
 
 
 def _slice_ms(deadline: float | None, now: float) -> int:
@@ -147,7 +314,9 @@ def _slice_ms(deadline: float | None, now: float) -> int:
     left = deadline - now
     if left <= 0:
         return 0
-    return min(_SLICE_MS, int(-(-left * 1000 // 1)))
+    if left * 1000 >= _SLICE_MS:  # also inf, which int() cannot take
+        return _SLICE_MS
+    return int(-(-left * 1000 // 1))
 
 
 def _wine_version() -> str | None:
@@ -174,99 +343,49 @@ def _closed_error() -> DockpointClosedError:
 
 if sys.platform == "win32":
     import ctypes
-    from ctypes import POINTER, byref, c_size_t, c_void_p
-    from ctypes.wintypes import BOOL, DWORD, HANDLE, LPCWSTR, LPDWORD, LPVOID, ULONG
+    from ctypes import byref, c_void_p
+    from ctypes.wintypes import DWORD, HANDLE, ULONG
 
-    ULONG_PTR = c_size_t
-    # Pointers that the API hands out and LocalFree takes back are kept as plain addresses.
-    PSID = PACL = PSECURITY_DESCRIPTOR = HLOCAL = LPWSTR_OUT = c_void_p
+    from ._win32 import (
+        INVALID_HANDLE_VALUE,
+        OVERLAPPED,
+        SECURITY_ATTRIBUTES,
+        CancelIoEx,
+        CloseHandle,
+        ConnectNamedPipe,
+        ConvertSecurityDescriptorToStringSecurityDescriptorW,
+        ConvertSidToStringSidW,
+        ConvertStringSecurityDescriptorToSecurityDescriptorW,
+        CreateDirectoryW,
+        CreateEventW,
+        CreateFileW,
+        CreateNamedPipeW,
+        GetCurrentProcess,
+        GetFileAttributesW,
+        GetNamedPipeClientProcessId,
+        GetNamedPipeServerProcessId,
+        GetNamedSecurityInfoW,
+        GetOverlappedResult,
+        GetSecurityInfo,
+        GetTokenInformation,
+        LocalFree,
+        LockFileEx,
+        OpenProcess,
+        OpenProcessToken,
+        ReadFile,
+        SetEndOfFile,
+        SetEvent,
+        UnlockFileEx,
+        WaitForMultipleObjects,
+        WaitNamedPipeW,
+        WriteFile,
+        _error,
+    )
 
-    class OVERLAPPED(ctypes.Structure):
-        _fields_ = (  # the Offset/Pointer union is left as its Offset half: same size
-            ("Internal", ULONG_PTR),
-            ("InternalHigh", ULONG_PTR),
-            ("Offset", DWORD),
-            ("OffsetHigh", DWORD),
-            ("hEvent", HANDLE),
-        )
-
-    class SECURITY_ATTRIBUTES(ctypes.Structure):
-        _fields_ = (
-            ("nLength", DWORD),
-            ("lpSecurityDescriptor", LPVOID),
-            ("bInheritHandle", BOOL),
-        )
-
-    LPOVERLAPPED = POINTER(OVERLAPPED)
-    LPSECURITY_ATTRIBUTES = POINTER(SECURITY_ATTRIBUTES)
-    INVALID_HANDLE_VALUE = c_void_p(-1).value
-
-    _kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
-    _advapi32 = ctypes.WinDLL("advapi32", use_last_error=True)
-
-    def _declare(dll: ctypes.WinDLL, name: str, restype: object, *argtypes: object) -> Any:
-        function = getattr(dll, name)
-        function.restype = restype
-        function.argtypes = argtypes
-        return function
-
-    _k, _a = _kernel32, _advapi32
-    # fmt: off
-    CloseHandle: _Bool = _declare(_k, "CloseHandle", BOOL, HANDLE)
-    CreateEventW: _Handle = _declare(
-        _k, "CreateEventW", HANDLE, LPSECURITY_ATTRIBUTES, BOOL, BOOL, LPCWSTR)
-    SetEvent: _Bool = _declare(_k, "SetEvent", BOOL, HANDLE)
-    WaitForMultipleObjects: _Bool = _declare(
-        _k, "WaitForMultipleObjects", DWORD, DWORD, POINTER(HANDLE), BOOL, DWORD)
-    CreateNamedPipeW: _Handle = _declare(
-        _k, "CreateNamedPipeW", HANDLE,
-        LPCWSTR, DWORD, DWORD, DWORD, DWORD, DWORD, DWORD, LPSECURITY_ATTRIBUTES)
-    ConnectNamedPipe: _Bool = _declare(_k, "ConnectNamedPipe", BOOL, HANDLE, LPOVERLAPPED)
-    DisconnectNamedPipe: _Bool = _declare(_k, "DisconnectNamedPipe", BOOL, HANDLE)
-    CreateFileW: _Handle = _declare(
-        _k, "CreateFileW", HANDLE,
-        LPCWSTR, DWORD, DWORD, LPSECURITY_ATTRIBUTES, DWORD, DWORD, HANDLE)
-    WaitNamedPipeW: _Bool = _declare(_k, "WaitNamedPipeW", BOOL, LPCWSTR, DWORD)
-    ReadFile: _Bool = _declare(
-        _k, "ReadFile", BOOL, HANDLE, LPVOID, DWORD, LPDWORD, LPOVERLAPPED)
-    WriteFile: _Bool = _declare(  # lpBuffer is LPCVOID; c_void_p takes an int address
-        _k, "WriteFile", BOOL, HANDLE, LPVOID, DWORD, LPDWORD, LPOVERLAPPED)
-    GetOverlappedResult: _Bool = _declare(
-        _k, "GetOverlappedResult", BOOL, HANDLE, LPOVERLAPPED, LPDWORD, BOOL)
-    CancelIoEx: _Bool = _declare(_k, "CancelIoEx", BOOL, HANDLE, LPOVERLAPPED)
-    GetNamedPipeClientProcessId: _Bool = _declare(
-        _k, "GetNamedPipeClientProcessId", BOOL, HANDLE, POINTER(ULONG))
-    GetNamedPipeServerProcessId: _Bool = _declare(
-        _k, "GetNamedPipeServerProcessId", BOOL, HANDLE, POINTER(ULONG))
-    GetCurrentProcess: _Bool = _declare(_k, "GetCurrentProcess", HANDLE)  # -1, never NULL
-    OpenProcess: _Handle = _declare(_k, "OpenProcess", HANDLE, DWORD, BOOL, DWORD)
-    LocalFree: _Handle = _declare(_k, "LocalFree", HLOCAL, HLOCAL)
-    OpenProcessToken: _Bool = _declare(
-        _a, "OpenProcessToken", BOOL, HANDLE, DWORD, POINTER(HANDLE))
-    GetTokenInformation: _Bool = _declare(  # TOKEN_INFORMATION_CLASS is a C enum
-        _a, "GetTokenInformation", BOOL, HANDLE, ctypes.c_int, LPVOID, DWORD, LPDWORD)
-    ConvertSidToStringSidW: _Bool = _declare(
-        _a, "ConvertSidToStringSidW", BOOL, PSID, POINTER(LPWSTR_OUT))
-    ConvertStringSecurityDescriptorToSecurityDescriptorW: _Bool = _declare(
-        _a, "ConvertStringSecurityDescriptorToSecurityDescriptorW", BOOL,
-        LPCWSTR, DWORD, POINTER(PSECURITY_DESCRIPTOR), POINTER(ULONG))
-    GetSecurityInfo: _Bool = _declare(  # returns the error code, sets no last error
-        _a, "GetSecurityInfo", DWORD,
-        HANDLE, ctypes.c_int, DWORD, POINTER(PSID), POINTER(PSID), POINTER(PACL),
-        POINTER(PACL), POINTER(PSECURITY_DESCRIPTOR))
-    # fmt: on
+    if TYPE_CHECKING:  # pragma: no cover
+        from ._win32 import _Bool
 
     # ----------------------------------------------------------------------- helpers
-
-    def _error(code: int | None = None, filename: str | None = None) -> OSError:
-        """The ``OSError`` (subclass chosen from the Windows error code) for ``code``,
-        default the calling thread's last error."""
-        if code is None:
-            code = ctypes.get_last_error()
-        error = ctypes.WinError(code)
-        if filename is not None:  # same subclass: errno is derived from winerror
-            error = OSError(None, error.strerror, filename, code)
-        return error
 
     def _check(ok: int, filename: str | None = None) -> None:
         if not ok:
@@ -336,20 +455,67 @@ if sys.platform == "win32":
         finally:
             LocalFree(descriptor)
 
+    def _descriptor_sddl(descriptor: int | None, what: int) -> str:
+        text, size = c_void_p(), ULONG()
+        ok = ConvertSecurityDescriptorToStringSecurityDescriptorW(
+            descriptor, SDDL_REVISION_1, what, byref(text), byref(size)
+        )
+        _check(ok)
+        try:
+            return ctypes.wstring_at(text.value)  # type: ignore[arg-type]
+        finally:
+            LocalFree(text)
+
+    def _security_sddl(target: int | str, what: int) -> str | None:
+        """The parts ``what`` of the security descriptor of a handle (``int``) or a file
+        path (``str``) as SDDL, or ``None`` if it cannot be read."""
+        descriptor = c_void_p()
+        args = (None, None, None, None, byref(descriptor))
+        if isinstance(target, str):
+            err = GetNamedSecurityInfoW(target, SE_FILE_OBJECT, what, *args)
+        else:
+            err = GetSecurityInfo(target, SE_KERNEL_OBJECT, what, *args)
+        if err:  # returns the error code; the last error is not set
+            return None
+        try:
+            return _descriptor_sddl(descriptor.value, what)
+        finally:
+            LocalFree(descriptor)
+
+    def _owned_sddl(target: int | str) -> str | None:
+        """Owner and DACL of ``target`` as SDDL, the owner spelt as a string SID (SDDL
+        may write the user as an alias such as ``LA``)."""
+        sddl = _security_sddl(target, OWNER_SECURITY_INFORMATION | DACL_SECURITY_INFORMATION)
+        if sddl is None:
+            return None
+        owner = _pipe_owner(target) if isinstance(target, int) else None
+        if owner is None and isinstance(target, str):
+            return sddl
+        dacl = _sddl_part(sddl, "D")
+        return f"O:{owner}" + ("" if dacl is None else f"D:{dacl}")
+
+    def _pipe_integrity(pipe: int) -> int | None:
+        sddl = _security_sddl(pipe, LABEL_SECURITY_INFORMATION)
+        return None if sddl is None else _integrity(sddl)
+
     def _pipe_pid(query: _Bool, pipe: int) -> int | None:
         pid = ULONG()
         return pid.value if query(pipe, byref(pid)) else None
 
-    def _security(user_sid: str) -> tuple[SECURITY_ATTRIBUTES, int]:
-        """Security attributes for the pipe (not inheritable) and the descriptor to
+    def _attributes(sddl: str) -> tuple[SECURITY_ATTRIBUTES, int]:
+        """Security attributes (not inheritable) for ``sddl`` and the descriptor to
         ``LocalFree`` when done."""
         descriptor = c_void_p()
         ok = ConvertStringSecurityDescriptorToSecurityDescriptorW(
-            _sddl(user_sid), SDDL_REVISION_1, byref(descriptor), None
+            sddl, SDDL_REVISION_1, byref(descriptor), None
         )
         _check(ok)
         attributes = SECURITY_ATTRIBUTES(ctypes.sizeof(SECURITY_ATTRIBUTES), descriptor, False)
         return attributes, descriptor.value  # type: ignore[return-value]
+
+    def _security(user_sid: str) -> tuple[SECURITY_ATTRIBUTES, int]:
+        """Security attributes for the pipe and the descriptor to ``LocalFree``."""
+        return _attributes(_sddl(user_sid))
 
     def _instance(name: str, attributes: SECURITY_ATTRIBUTES, first: bool = False) -> int:
         """A new listening instance of the pipe ``name``."""
@@ -362,26 +528,168 @@ if sys.platform == "win32":
             raise _error(None, name)
         return pipe
 
-    def _exists(name: str) -> bool:
-        """Whether the pipe ``name`` exists, without connecting to it. Not atomic (the
-        first-instance flag decides races); it gives the same answer the flag would, and
-        Wine, which ignores that flag, thereby refuses at least a claim made later."""
-        if WaitNamedPipeW(name, 1):  # 1 ms: 0 would mean the server's default wait
-            return True
-        return ctypes.get_last_error() != ERROR_FILE_NOT_FOUND
+    def _first_instance(name: str, attributes: SECURITY_ATTRIBUTES, user: str) -> int:
+        """The lock holder's first instance of ``name``: a new pipe, or (when instances of
+        an earlier holder keep the name) a further instance of that pipe if it is ours."""
+        try:
+            return _instance(name, attributes, first=True)
+        except OSError as error:
+            if error.winerror not in _CLAIMED:
+                raise
+        try:
+            pipe = _instance(name, attributes)
+        except OSError as error:
+            if error.winerror not in _CLAIMED:
+                raise
+            raise PermissionError(
+                errno.EACCES,
+                "the pipe name is taken by a pipe this user may not serve on (another "
+                "user's, or a process's of higher integrity level)",
+                name,
+            ) from None
+        try:
+            sddl = _owned_sddl(pipe)
+            reason = "its security cannot be read" if sddl is None else _unsafe(sddl, user)
+            if reason is None and not _integrity_trusted(_pipe_integrity(pipe)):
+                reason = "it was made by a process below Medium integrity (a sandbox)"
+            if reason is not None:
+                raise PermissionError(
+                    errno.EACCES,
+                    f"the pipe name is taken by a pipe that is not ours: {reason}",
+                    name,
+                )
+        except BaseException:
+            CloseHandle(pipe)
+            raise
+        return pipe
+
+    # ----------------------------------------------------------------------- lock file
+
+    def _lock_directory(user: str, directory: str) -> None:
+        """Create the lock directory user-only, or check an existing one."""
+        attributes, descriptor = _attributes(_directory_sddl(user))
+        try:
+            if not CreateDirectoryW(directory, byref(attributes)):
+                code = ctypes.get_last_error()
+                if code != ERROR_ALREADY_EXISTS:
+                    raise _error(code, directory)
+        finally:
+            LocalFree(descriptor)
+        found = GetFileAttributesW(directory)
+        if found == INVALID_FILE_ATTRIBUTES:
+            raise _error(None, directory)
+        reason = None
+        if found & FILE_ATTRIBUTE_REPARSE_POINT:
+            reason = "it is a junction or symbolic link"
+        elif not found & FILE_ATTRIBUTE_DIRECTORY:
+            reason = "it is not a directory"
+        else:
+            sddl = _owned_sddl(directory)
+            reason = "its security cannot be read" if sddl is None else _unsafe(sddl, user)
+        if reason is not None:
+            raise PermissionError(
+                errno.EACCES, f"unsafe lock directory: {reason}; remove it or fix it", directory
+            )
+
+    def _range(lock_range: tuple[int, int]) -> OVERLAPPED:
+        ov = OVERLAPPED()
+        ov.Offset, ov.OffsetHigh = lock_range
+        return ov
+
+    def _try_lock(handle: int, lock_range: tuple[int, int], flags: int) -> int:
+        """Lock one byte of ``handle`` without waiting: 0, or the Windows error code."""
+        if LockFileEx(
+            handle, flags | LOCKFILE_FAIL_IMMEDIATELY, 0, 1, 0, byref(_range(lock_range))
+        ):
+            return 0
+        return ctypes.get_last_error()
+
+    def _unlock(handle: int, lock_range: tuple[int, int]) -> None:
+        UnlockFileEx(handle, 0, 1, 0, byref(_range(lock_range)))
+
+    def _take_lock(path: str) -> int | None:
+        """The open lock file with both ranges locked, or ``None`` if someone holds it."""
+        handle = CreateFileW(
+            path, GENERIC_READ | GENERIC_WRITE, _SHARE_ALL, None, OPEN_ALWAYS,
+            FILE_FLAG_OPEN_REPARSE_POINT, None,
+        )  # fmt: skip
+        if handle == INVALID_HANDLE_VALUE or not handle:
+            raise _error(None, path)
+        try:
+            code = _try_lock(handle, _CLAIM_RANGE, LOCKFILE_EXCLUSIVE_LOCK)
+            if code == ERROR_LOCK_VIOLATION:
+                CloseHandle(handle)
+                return None
+            if code:
+                raise _error(code, path)
+            deadline = monotonic() + _ALIVE_WAIT
+            while True:  # only clients' momentary shared test locks can be in the way
+                code = _try_lock(handle, _ALIVE_RANGE, LOCKFILE_EXCLUSIVE_LOCK)
+                if not code:
+                    return handle
+                if code != ERROR_LOCK_VIOLATION or monotonic() > deadline:
+                    raise _error(code, path)
+                sleep(0.001)
+        except BaseException:
+            CloseHandle(handle)  # releases whatever it had locked
+            raise
+
+    def _write_lock(handle: int, text: bytes, path: str) -> None:
+        count = DWORD()
+        _check(WriteFile(handle, text, len(text), byref(count), None), path)
+        if count.value != len(text):
+            raise OSError(errno.EIO, "short write to the lock file", path)
+        _check(SetEndOfFile(handle), path)
+
+    def _release_lock(handle: int) -> None:
+        _unlock(handle, _ALIVE_RANGE)
+        _unlock(handle, _CLAIM_RANGE)
+        CloseHandle(handle)
+
+    def _held(stem: str) -> bool | None:
+        """Whether a holder is alive for ``stem`` (its lock's alive range is taken);
+        ``None`` if that cannot be told."""
+        try:
+            _, path = _lock_path(os.environ.get("LOCALAPPDATA"), stem)
+        except OSError:
+            return None
+        handle = CreateFileW(
+            path, GENERIC_READ, _SHARE_ALL, None, OPEN_EXISTING, FILE_FLAG_OPEN_REPARSE_POINT,
+            None,
+        )  # fmt: skip
+        if handle == INVALID_HANDLE_VALUE or not handle:
+            code = ctypes.get_last_error()
+            return False if code in (ERROR_FILE_NOT_FOUND, ERROR_PATH_NOT_FOUND) else None
+        try:
+            code = _try_lock(handle, _ALIVE_RANGE, 0)  # shared: claimers never race for it
+            if not code:
+                _unlock(handle, _ALIVE_RANGE)
+                return False
+            return True if code == ERROR_LOCK_VIOLATION else None
+        finally:
+            CloseHandle(handle)
+
+    # ----------------------------------------------------------------------- overlapped I/O
 
     class _Op:
-        """An ``OVERLAPPED`` with its own event, for one operation at a time."""
+        """An ``OVERLAPPED`` with its own event, for one operation at a time, and the
+        buffer the operation uses (``keep``)."""
 
-        __slots__ = ("count", "ov")
+        __slots__ = ("count", "keep", "ov")
 
         def __init__(self) -> None:
             self.ov = OVERLAPPED()
             self.ov.hEvent = _event()
             self.count = DWORD()
+            self.keep: object = None
 
         def close(self) -> None:
-            CloseHandle(self.ov.hEvent)
+            if self not in _LIMBO:  # the kernel may still signal the event
+                CloseHandle(self.ov.hEvent)
+
+    #: Operations the kernel may still write to (their wait was interrupted): kept alive,
+    #: with their buffers, for the life of the process rather than freed.
+    _LIMBO: set[_Op] = set()
 
     def _cancel(pipe: int, op: _Op) -> None:
         """Cancel ``op``'s I/O if pending and wait until the kernel is done with it."""
@@ -394,12 +702,15 @@ if sys.platform == "win32":
         """Start overlapped I/O on ``pipe`` with ``start(pipe, *args, &op.ov)`` and see it
         end: ``(0, bytes)`` on success, ``(winerror, bytes)`` otherwise. At the deadline or
         when ``wake`` is signalled the I/O is cancelled (``ERROR_OPERATION_ABORTED``, unless
-        it completed meanwhile)."""
+        it completed meanwhile). ``op`` stays in ``_LIMBO`` while the kernel may use it, so
+        an interruption that leaves it in use leaks it instead of freeing it."""
         handles = (HANDLE * 2)(op.ov.hEvent, wake)
+        _LIMBO.add(op)
         try:
             if not start(pipe, *args, byref(op.ov)):
                 code = ctypes.get_last_error()
                 if code != ERROR_IO_PENDING:
+                    _LIMBO.discard(op)  # failed at once: nothing was queued
                     return code, 0
                 while True:
                     wait = _slice_ms(deadline, monotonic())
@@ -413,12 +724,14 @@ if sys.platform == "win32":
                         break
                     if got != WAIT_TIMEOUT:
                         raise _error()
+            ok = GetOverlappedResult(pipe, byref(op.ov), byref(op.count), True)
+            code = 0 if ok else ctypes.get_last_error()
         except BaseException:  # Ctrl+C or a failure: the kernel must let go of op first
-            _cancel(pipe, op)
+            _cancel(pipe, op)  # interrupted again, op stays in _LIMBO: leaked, never freed
+            _LIMBO.discard(op)
             raise
-        if GetOverlappedResult(pipe, byref(op.ov), byref(op.count), True):
-            return 0, op.count.value
-        return ctypes.get_last_error(), op.count.value
+        _LIMBO.discard(op)
+        return code, op.count.value
 
     # ----------------------------------------------------------------------- streams
 
@@ -455,7 +768,8 @@ if sys.platform == "win32":
         def _leave(self, op: _Op | None) -> None:
             with self._mutex:
                 self._busy -= 1
-                if op is not None:
+                if op is not None and op not in _LIMBO:
+                    op.keep = None
                     self._ops.append(op)
                 if not self._closed or self._busy:
                     return
@@ -477,7 +791,7 @@ if sys.platform == "win32":
             deadline = None if timeout is None else monotonic() + timeout
             op = self._enter()
             try:
-                buffer = ctypes.create_string_buffer(max_bytes)
+                op.keep = buffer = ctypes.create_string_buffer(max_bytes)
                 while True:
                     code, count = _run(
                         op, self._pipe, deadline, self._wake, ReadFile, buffer, max_bytes, None
@@ -526,6 +840,7 @@ if sys.platform == "win32":
                 if view is not None:
                     keep = ctypes.c_char_p(view[offset : offset + length].tobytes())
                     address = ctypes.cast(keep, c_void_p).value or 0
+                op.keep = keep  # the buffer lives as long as op if the kernel keeps it
                 code, count = _run(
                     op, self._pipe, None, self._wake, WriteFile, address, length, None
                 )
@@ -537,7 +852,6 @@ if sys.platform == "win32":
                     raise _closed_error()
                 else:
                     raise _error(code)
-            del keep  # the buffer may go only now
 
         def close(self) -> None:
             with self._mutex:
@@ -549,41 +863,63 @@ if sys.platform == "win32":
                     return
             self._release()
 
+        fileno = no_fileno  # a named pipe cannot be selected
+
+        def detach(self) -> int:
+            """Hand the pipe handle over (to an event loop's transport), closing the rest."""
+            with self._mutex:
+                if self._closed or self._busy:
+                    raise _closed_error()
+                self._closed = True
+            for op in self._ops:
+                op.close()
+            self._ops.clear()
+            CloseHandle(self._wake)
+            return self._pipe
+
     class _Listener:
-        """The claimed pipe. Invariant: while no thread is in ``accept`` the pool ``_free``
-        holds a listening instance, and while some are, each waits on its own instance;
-        so a client always finds an instance (or waits for one) and the name stays ours."""
+        """The claimed pipe and its lock file.
+
+        ``_free`` is the listening instance (``None`` only while its waiter holds it or
+        after a failure, when the next ``accept`` makes one). ``_turn`` is held by the one
+        thread that waits in ``ConnectNamedPipe``; the others wait for the turn. A wait
+        that ends puts the instance back still listening, so a client that connected
+        meanwhile is served by the next ``accept``, never closed.
+        """
 
         __slots__ = (
-            "_attributes", "_descriptor", "_free", "_mutex", "_name", "_waiting", "_wake",
-            "_woken",
+            "_attributes", "_descriptor", "_free", "_lock", "_mutex", "_name", "_turn",
+            "_wake", "_woken",
         )  # fmt: skip
 
         def __init__(
-            self, name: str, attributes: SECURITY_ATTRIBUTES, descriptor: int, first: int
+            self,
+            name: str,
+            attributes: SECURITY_ATTRIBUTES,
+            descriptor: int,
+            first: int,
+            lock: int,
         ) -> None:
             self._name = name
             self._attributes = attributes
             self._descriptor = descriptor
+            self._lock = lock
             self._wake = _event()
-            self._free = [first]
-            self._waiting = 0
+            self._free: int | None = first
             self._woken = False
             self._mutex = allocate_lock()
+            self._turn = allocate_lock()
 
         def accept(self, timeout: float | None) -> _Channel | None:
             deadline = None if timeout is None else monotonic() + timeout
-            with self._mutex:
-                pipe = self._free.pop() if self._free else None
-                self._waiting += 1
-            connected = False
+            turn = False
             try:
-                if pipe is None:
-                    pipe = _instance(self._name, self._attributes)
-                connected = self._connect(pipe, deadline)
-            finally:  # also on Ctrl+C, which can land between any two calls here
-                self._settle(pipe, connected)
-            if connected:
+                turn = self._take_turn(deadline)
+                pipe = self._wait_for_client(deadline) if turn else None
+            finally:
+                if turn:
+                    self._turn.release()
+            if pipe is not None:
                 try:
                     return _Channel(pipe, _pipe_pid(GetNamedPipeClientProcessId, pipe))
                 except BaseException:
@@ -593,42 +929,61 @@ if sys.platform == "win32":
                 return None
             raise TimeoutError(f"no client arrived within {timeout} s")
 
-        def _connect(self, pipe: int, deadline: float | None) -> bool:
-            """Wait for a client on ``pipe``: ``True`` connected, ``False`` cancelled."""
+        def _take_turn(self, deadline: float | None) -> bool:
+            """Wait (in slices, for Ctrl+C and ``close()``) to be the one waiting thread."""
+            while not self._woken:
+                wait = _slice_ms(deadline, monotonic())
+                if self._turn.acquire(True, wait / 1000):
+                    return True
+                if not wait:
+                    break
+            return False
+
+        def _wait_for_client(self, deadline: float | None) -> int | None:
+            """With the turn: the instance a client connected to, or ``None`` (timeout or
+            wake); the pool again holds a listening instance either way."""
+            with self._mutex:
+                pipe, self._free = self._free, None
+            try:
+                if pipe is None:
+                    pipe = _instance(self._name, self._attributes)
+                code = self._connect(pipe, deadline)
+                if code in _CONNECTED:
+                    # ERROR_PIPE_CONNECTED: the client came before ConnectNamedPipe.
+                    # ERROR_NO_DATA: it came and closed already; it may have written first
+                    # (CPython bpo-14725), so it is handed out like POSIX hands out a
+                    # connected-then-closed socket.
+                    got, pipe = pipe, None
+                    self._spare()
+                    return got
+                if code != ERROR_OPERATION_ABORTED:
+                    failed, pipe = pipe, None  # its state is unknown: never back in the pool
+                    CloseHandle(failed)
+                    self._spare()  # a fresh listening instance takes its place
+                    raise _error(code, self._name)
+                return None
+            finally:  # also on Ctrl+C: a cancelled instance still listens, keep it
+                if pipe is not None:
+                    with self._mutex:
+                        self._free = pipe
+
+        def _spare(self) -> None:
+            """The next client's instance, made before this one is handed out."""
+            try:
+                spare = _instance(self._name, self._attributes)
+            except OSError:
+                return  # the next accept makes one; the lock keeps the claim meanwhile
+            with self._mutex:
+                self._free = spare
+
+        def _connect(self, pipe: int, deadline: float | None) -> int:
+            """Wait for a client on ``pipe``; the ``ConnectNamedPipe`` result code."""
             op = _Op()
             try:
                 code, _ = _run(op, pipe, deadline, self._wake, ConnectNamedPipe)
             finally:
                 op.close()
-            # ERROR_PIPE_CONNECTED: the client came before ConnectNamedPipe. ERROR_NO_DATA:
-            # it came and closed already; it may have written first (CPython bpo-14725),
-            # so it is handed out like POSIX hands out a connected-then-closed socket.
-            if code in (0, ERROR_PIPE_CONNECTED, ERROR_NO_DATA):
-                return True
-            if code == ERROR_OPERATION_ABORTED:
-                return False
-            DisconnectNamedPipe(pipe)  # state unknown: ConnectNamedPipe can start afresh
-            raise _error(code, self._name)
-
-        def _settle(self, pipe: int | None, connected: bool) -> None:
-            """Leave ``accept``: keep exactly the listening instance(s) the invariant needs."""
-            with self._mutex:
-                self._waiting -= 1
-                needed = not self._waiting and not self._free
-                if connected:
-                    if needed:  # the next client's instance exists before this one is handed out
-                        try:
-                            spare = _instance(self._name, self._attributes)
-                        except BaseException:
-                            DisconnectNamedPipe(pipe)  # drop this client, keep the name served
-                            self._free.append(pipe)  # type: ignore[arg-type]
-                            raise
-                        self._free.append(spare)
-                elif pipe is not None:
-                    if needed:
-                        self._free.append(pipe)
-                    else:
-                        CloseHandle(pipe)
+            return code
 
         def wake(self) -> None:
             self._woken = True
@@ -636,38 +991,55 @@ if sys.platform == "win32":
 
         def close(self) -> None:
             # Only called once no thread is in accept() (the shared Dockpoint ensures it).
-            for pipe in self._free:
+            pipe, self._free = self._free, None
+            if pipe is not None:
                 CloseHandle(pipe)
-            self._free.clear()
             CloseHandle(self._wake)
             LocalFree(self._descriptor)
+            _release_lock(self._lock)  # the pipe is gone first: then the claim
 
         forget = close  # only reached after os.fork(), which Windows does not have
+        fileno = no_fileno  # a named pipe cannot be selected
+
+        def handles(self) -> tuple[int, int]:
+            # Hand-over of a claimed pipe to a spawned daemon is not implemented on Windows
+            # yet; connect_or_spawn starts the daemon without one there.
+            raise NotImplementedError("hand-over of a claimed pipe is not implemented on Windows")
 
     # ----------------------------------------------------------------------- backend
 
     class _Backend:
         @staticmethod
+        def adopt(stem: str, info: str | None = None) -> tuple[_Listener, str] | None:
+            return None  # no hand-over on Windows yet: claim() always claims anew
+
+        @staticmethod
         def locate(stem: str) -> str:
             return _pipe_path(_user_sid(), stem)
 
         @staticmethod
-        def listen(stem: str) -> tuple[_Listener, str] | None:
+        def listen(stem: str, info: str | None = None) -> tuple[_Listener, str] | None:
             user = _user_sid()
             name = _pipe_path(user, stem)
-            if _exists(name):
-                return None
-            attributes, descriptor = _security(user)
-            first = None
+            text = _lock_text(os.getpid(), info)
+            directory, path = _lock_path(os.environ.get("LOCALAPPDATA"), stem)
+            _lock_directory(user, directory)
+            lock = first = descriptor = None
             try:
-                first = _instance(name, attributes, first=True)
-                return _Listener(name, attributes, descriptor, first), name
-            except BaseException as error:
+                lock = _take_lock(path)
+                if lock is None:
+                    return None  # someone holds the claim
+                attributes, descriptor = _security(user)
+                first = _first_instance(name, attributes, user)
+                _write_lock(lock, text, path)
+                return _Listener(name, attributes, descriptor, first, lock), name
+            except BaseException:
                 if first is not None:
                     CloseHandle(first)
-                LocalFree(descriptor)
-                if first is None and isinstance(error, OSError) and error.winerror in _CLAIMED:
-                    return None  # the name exists: someone holds the claim
+                if descriptor is not None:
+                    LocalFree(descriptor)
+                if lock is not None:
+                    _release_lock(lock)
                 raise
 
         @staticmethod
@@ -675,6 +1047,7 @@ if sys.platform == "win32":
             user = _user_sid()
             name = _pipe_path(user, stem)
             deadline = None if timeout is None else monotonic() + timeout
+            idle = 0.0  # seconds waited in vain since an instance last came free
             while True:
                 pipe = CreateFileW(
                     name, GENERIC_READ | GENERIC_WRITE, 0, None, OPEN_EXISTING, _DIAL_FLAGS, None
@@ -693,17 +1066,27 @@ if sys.platform == "win32":
                     )
                 if code != ERROR_PIPE_BUSY:
                     raise _error(code, name)
-                # Every instance is serving a client: the daemon is up, so wait for a free
-                # instance (in slices, for Ctrl+C) rather than report nobody.
-                wait = _slice_ms(deadline, monotonic())
+                # Every instance is serving a client. With a live holder, wait for a free
+                # instance (in slices, for Ctrl+C); without one nobody will free them. A
+                # single attempt waits while the holder makes progress: it gives up once
+                # it has waited BUSY_GRACE seconds in vain (a hung daemon). Only time spent
+                # in the wait counts, so a thread kept from running misses no progress.
+                if _held(stem) is False:
+                    return None
+                if deadline is None:
+                    wait = _slice_ms(BUSY_GRACE - idle, 0.0)
+                else:
+                    wait = _slice_ms(deadline, monotonic())
                 if not wait:
-                    return None  # timed out; Api.connect reports None
-                if not WaitNamedPipeW(name, wait):  # 0 would mean "the server's default"
-                    code = ctypes.get_last_error()
-                    if code == ERROR_FILE_NOT_FOUND:
-                        return None  # the daemon went away meanwhile
-                    if code != ERROR_SEM_TIMEOUT:
-                        raise _error(code, name)
+                    return None  # timed out, or the holder freed nothing: Api.connect says None
+                # 0 would mean "the server's default"; a failure other than the timeout
+                # (the pipe went or changed) means: open again, that answer decides.
+                if WaitNamedPipeW(name, wait):
+                    idle = 0.0
+                else:
+                    idle += wait / 1000
+                    if ctypes.get_last_error() != ERROR_SEM_TIMEOUT:
+                        sleep(0.001)
             try:
                 server = _pipe_pid(GetNamedPipeServerProcessId, pipe)
                 owner = _pipe_owner(pipe)
@@ -715,6 +1098,14 @@ if sys.platform == "win32":
                         errno.EACCES,
                         f"the endpoint is served by another user (pipe owner {owner}, server "
                         f"process {server} of user {server_user}), not by this user ({user})",
+                        name,
+                    )
+                level = _pipe_integrity(pipe)
+                if not _integrity_trusted(level):
+                    raise PermissionError(
+                        errno.EACCES,
+                        f"the endpoint was made by a process below Medium integrity (label "
+                        f"S-1-16-{level}): a sandboxed process squats the name",
                         name,
                     )
                 return _Channel(pipe, server)

@@ -186,6 +186,8 @@ def runtime(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
             rt.mkdir()
     os.chmod(rt, 0o700)
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(rt))
+    if WINDOWS:  # the lock files of the Windows claim live in %LOCALAPPDATA%\dockpoint
+        monkeypatch.setenv("LOCALAPPDATA", str(rt))
     yield rt
     if not WINDOWS:
         shutil.rmtree(rt if rt.parent == Path("/tmp") else rt.parent, ignore_errors=True)

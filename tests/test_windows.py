@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from conftest import Child
 
 import dockpoint
 from dockpoint import Dockpoint, DockpointClosedError, DockpointConnection
@@ -63,6 +64,13 @@ def listener(dp: Dockpoint) -> w._Listener:
     got = dp._listener
     assert isinstance(got, w._Listener)
     return got
+
+
+def free(dp: Dockpoint) -> int:
+    """The listening instance in the pool (asserting there is one)."""
+    pipe = listener(dp)._free
+    assert pipe is not None
+    return pipe
 
 
 def pipe_of(conn: DockpointConnection) -> int:
@@ -131,7 +139,7 @@ def _security_descriptor_sddl(handle: int) -> str:
 
 def test_security_descriptor_admits_only_the_user(dp: Dockpoint) -> None:
     sid = w._user_sid()
-    sddl = _security_descriptor_sddl(listener(dp)._free[0])
+    sddl = _security_descriptor_sddl(free(dp))
     assert sddl.startswith(f"O:{sid}"), sddl
     dacl = sddl.partition("D:")[2]
     assert dacl.startswith("P"), sddl  # protected: no inherited entries
@@ -148,7 +156,8 @@ def test_handles_are_not_inheritable(dp: Dockpoint, app: str) -> None:
     get.argtypes = [wintypes.HANDLE, ctypes.POINTER(wintypes.DWORD)]
     client, server = pair(dp, app)
     with client, server:
-        handles = [*listener(dp)._free, listener(dp)._wake, pipe_of(client), pipe_of(server)]
+        handles = [free(dp), listener(dp)._wake, listener(dp)._lock]
+        handles += [pipe_of(client), pipe_of(server)]
         for conn in (client, server):
             assert isinstance(conn._ch, w._Channel)
             handles.append(conn._ch._wake)
@@ -171,26 +180,138 @@ def test_first_instance_flag_is_the_claim(
         assert info.value.winerror == w.ERROR_ACCESS_DENIED
     finally:
         w.LocalFree(descriptor)
-    monkeypatch.setattr(w, "_exists", lambda name: False)
+
+
+def test_the_lock_decides_the_claim_and_holds_pid_and_info(app: str, children: list[Child]) -> None:
+    import os
+
+    dp = w._Backend.listen(f"{app}@default", info="serving v2")
+    assert dp is not None
+    listener_, _ = dp
+    try:
+        _, path = w._lock_path(os.environ.get("LOCALAPPDATA"), f"{app}@default")
+        with open(path, encoding="utf-8") as f:  # readable while held
+            assert f.read() == f"{os.getpid()}\nserving v2\n"
+        assert w._held(f"{app}@default") is True
+        assert dockpoint.claim(app) is None  # this process again: the lock refuses
+        other = Child("import dockpoint, sys; print(dockpoint.claim(sys.argv[1]) is None)", app)
+        children.append(other)
+        other.expect("True")
+    finally:
+        listener_.close()
+    assert w._held(f"{app}@default") is False
+    again = dockpoint.claim(app)
+    assert again is not None
+    with again, open(path, encoding="utf-8") as f:
+        assert f.read() == f"{os.getpid()}\n"  # rewritten, no stale info line
+
+
+def test_a_killed_holder_frees_the_lock(app: str, children: list[Child]) -> None:
+    holder = Child(
+        "import dockpoint, sys; dp = dockpoint.claim(sys.argv[1]); print(dp is not None); "
+        "sys.stdin.readline()",
+        app,
+    )
+    children.append(holder)
+    holder.expect("True")
     assert dockpoint.claim(app) is None
+    holder.proc.kill()
+    holder.proc.wait(20)
+    deadline = time.monotonic() + 20  # the kernel drops a dead process's locks soon after
+    while (dp := dockpoint.claim(app)) is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert dp is not None
+    dp.close()
+
+
+def _refuse(code: int) -> object:
+    import ctypes
+
+    real = w._instance
+
+    def instance(name: str, attributes: object, first: bool = False) -> int:
+        if first:  # the name exists although we hold the lock
+            raise ctypes.WinError(code)
+        return real(name, attributes)  # type: ignore[arg-type]
+
+    return instance
 
 
 @pytest.mark.parametrize("code", sorted(w._CLAIMED))
-def test_losing_the_first_instance_race_returns_none(
+def test_lock_holder_joins_a_pipe_of_its_own_left_by_dead_instances(
     app: str, monkeypatch: pytest.MonkeyPatch, code: int
 ) -> None:
-    # What the flag reports when another claimer won between the probe and the create.
+    monkeypatch.setattr(w, "_instance", _refuse(code))
+    dp = dockpoint.claim(app)
+    assert dp is not None
+    with dp:
+        client, server = pair(dp, app)
+        with client, server:
+            client.write(b"joined")
+            assert server.read(timeout=10) == b"joined"
+
+
+def test_lock_holder_refuses_a_pipe_that_is_not_its_own(
+    app: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(w, "_instance", _refuse(w.ERROR_ACCESS_DENIED))
+    monkeypatch.setattr(w, "_pipe_owner", lambda pipe: OTHER)
+    with pytest.raises(PermissionError) as info:
+        dockpoint.claim(app)
+    assert info.value.filename == dockpoint.address(app)
+    assert OTHER in str(info.value)
+    monkeypatch.undo()
+    again = dockpoint.claim(app)  # the lock was released, no instance was left
+    assert again is not None
+    again.close()
+
+
+def test_another_users_squatter_is_a_permission_error_from_claim(
+    app: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import ctypes
 
-    def lost(name: str, attributes: object, first: bool = False) -> int:
-        assert first
-        raise ctypes.WinError(code)
+    def denied(name: str, attributes: object, first: bool = False) -> int:
+        raise ctypes.WinError(w.ERROR_ACCESS_DENIED)  # what another user's DACL answers
 
-    monkeypatch.setattr(w, "_instance", lost)
-    assert dockpoint.claim(app) is None
+    monkeypatch.setattr(w, "_instance", denied)
+    with pytest.raises(PermissionError) as info:
+        dockpoint.claim(app)
+    assert info.value.filename == dockpoint.address(app)
+    assert "another user" in str(info.value)
     monkeypatch.undo()
-    with dockpoint.claim(app) as dp:  # nothing was left behind
-        assert dp is not None
+    again = dockpoint.claim(app)
+    assert again is not None
+    again.close()
+
+
+def test_an_unsafe_lock_directory_is_refused(
+    app: str, tmp_path: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pathlib
+
+    assert isinstance(tmp_path, pathlib.Path)
+    (tmp_path / "dockpoint").write_text("not a directory")
+    monkeypatch.setenv("LOCALAPPDATA", str(tmp_path))
+    with pytest.raises(PermissionError) as info:
+        dockpoint.claim(app)
+    assert info.value.filename == str(tmp_path / "dockpoint")
+    assert "not a directory" in str(info.value)
+
+
+def test_lock_directory_is_made_user_only(
+    app: str, tmp_path: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pathlib
+
+    assert isinstance(tmp_path, pathlib.Path)
+    monkeypatch.setenv("LOCALAPPDATA", str(tmp_path))
+    dp = dockpoint.claim(app)
+    assert dp is not None
+    with dp:
+        sddl = w._owned_sddl(str(tmp_path / "dockpoint"))
+        assert sddl is not None
+        assert w._unsafe(sddl, w._user_sid()) is None, sddl
 
 
 @not_under_wine("it does not enforce the DACLs of named pipes")
@@ -263,7 +384,7 @@ def test_a_client_finds_an_instance_between_accepts(dp: Dockpoint, app: str) -> 
         with client, server:
             client.write(b"early")
             assert server.read(timeout=10) == b"early"
-        assert len(listener(dp)._free) == 1
+        free(dp)
 
 
 def test_connect_waits_while_every_instance_is_busy(dp: Dockpoint, app: str) -> None:
@@ -309,8 +430,7 @@ def test_concurrent_accepts_each_serve_a_client(dp: Dockpoint, app: str) -> None
         client.write(b"%d" % i)
     got = sorted(s.read(timeout=10) for s in servers)
     assert got == [b"0", b"1", b"2", b"3"]
-    lst = listener(dp)
-    assert len(lst._free) == 1 and lst._waiting == 0
+    assert free(dp) and not listener(dp)._turn.locked()
     for conn in (*clients, *servers):
         conn.close()
 
@@ -319,7 +439,7 @@ def test_timeouts_keep_exactly_one_listening_instance(dp: Dockpoint, app: str) -
     for _ in range(3):
         with pytest.raises(TimeoutError):
             dp.accept(timeout=0.05)
-        assert len(listener(dp)._free) == 1
+        free(dp)
     client, server = pair(dp, app)
     client.close()
     server.close()
@@ -335,18 +455,53 @@ def test_client_that_wrote_and_left_before_accept_is_served(dp: Dockpoint, app: 
         assert server.read(timeout=5) == b""
 
 
-def test_claim_is_held_while_an_accepted_connection_is_open(app: str) -> None:
-    # Documented difference from POSIX: connected instances keep the pipe name alive.
+def test_connections_of_a_closed_holder_do_not_keep_the_claim(app: str) -> None:
+    # They keep the pipe name alive; the next lock holder joins that pipe (as on POSIX,
+    # the next claim succeeds while the old holder still serves what it accepted).
     first = dockpoint.claim(app)
     assert first is not None
     client, server = pair(first, app)
     first.close()
-    assert dockpoint.claim(app) is None
-    client.close()
-    server.close()
     again = dockpoint.claim(app)
     assert again is not None
-    again.close()
+    with again, client, server:
+        new_client, new_server = pair(again, app)
+        with new_client, new_server:
+            new_client.write(b"new")
+            client.write(b"old")
+            assert new_server.read(timeout=10) == b"new"
+            assert server.read(timeout=10) == b"old"
+
+
+@not_under_wine(
+    "it ignores FILE_FLAG_FIRST_PIPE_INSTANCE, so a name kept by dead instances cannot be "
+    "shown (a claim without the lock would succeed there too)"
+)
+def test_a_holder_killed_while_its_client_stays_connected_does_not_wedge_the_name(
+    app: str, children: list
+) -> None:
+    holder = Child(
+        "import dockpoint, sys; dp = dockpoint.claim(sys.argv[1]); print(dp is not None); "
+        "sys.stdin.readline()",
+        app,
+    )
+    children.append(holder)
+    holder.expect("True")
+    client = dockpoint.connect(app)  # takes the free instance; the holder never accepts it
+    assert client is not None
+    with client:
+        holder.proc.kill()
+        holder.proc.wait(20)
+        # The client's end keeps the name: without the lock, claim() returned None here.
+        deadline = time.monotonic() + 20
+        while (dp := dockpoint.claim(app)) is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert dp is not None
+        with dp:
+            new_client, server = pair(dp, app)
+            with new_client, server:
+                new_client.write(b"served")
+                assert server.read(timeout=10) == b"served"
 
 
 # --------------------------------------------------------------------------- interrupts
@@ -359,7 +514,7 @@ def test_ctrl_c_interrupts_accept_and_the_endpoint_keeps_working(dp: Dockpoint, 
         dp.accept(timeout=30)
     timer.join()
     assert time.monotonic() - start < 5
-    assert not dp.closed and len(listener(dp)._free) == 1
+    assert not dp.closed and free(dp)
     client, server = pair(dp, app)
     with client, server:
         client.write(b"still here")
@@ -373,6 +528,7 @@ def test_ctrl_c_interrupts_read(dp: Dockpoint, app: str) -> None:
         with pytest.raises(KeyboardInterrupt):
             client.read(timeout=30)
         timer.join()
+        assert not w._LIMBO  # the cancelled read was waited for, nothing leaked
         server.write(b"after")  # the cancelled read took nothing with it
         assert client.read(timeout=10) == b"after"
 
@@ -478,3 +634,80 @@ def test_a_dropped_server_connection_does_not_keep_the_name(app: str) -> None:
     again = dockpoint.claim(app)
     assert again is not None, "a garbage-collected connection kept the pipe name alive"
     again.close()
+
+
+def test_single_connect_to_a_hung_daemon_gives_up_after_the_grace(dp: Dockpoint, app: str) -> None:
+    from dockpoint._common import BUSY_GRACE
+
+    first = dockpoint.connect(app)  # takes the free instance; the holder never accepts
+    assert first is not None
+    with first:
+        got: list[object] = []
+        start = time.monotonic()
+        t = threading.Thread(target=lambda: got.append(dockpoint.connect(app)), daemon=True)
+        t.start()
+        t.join(BUSY_GRACE + 20)  # a hang fails here, not the run
+        elapsed = time.monotonic() - start
+        assert got == [None], f"{got} after {elapsed:.1f} s"  # nothing came free in the grace
+        assert BUSY_GRACE - 0.5 <= elapsed < BUSY_GRACE + 3, elapsed
+        with dp.accept(timeout=5):
+            pass
+
+
+def test_a_failed_connect_never_pools_an_instance_of_unknown_state(
+    dp: Dockpoint, app: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    closed: list[int] = []
+    real_close = w.CloseHandle
+
+    def close(handle: int) -> int:
+        closed.append(handle)
+        return real_close(handle)
+
+    old = free(dp)
+    monkeypatch.setattr(w, "CloseHandle", close)
+    monkeypatch.setattr(w._Listener, "_connect", lambda self, pipe, deadline: 109)
+    with pytest.raises(OSError) as info:
+        dp.accept(timeout=5)
+    assert info.value.winerror == 109 and info.value.filename == dp.address
+    assert old in closed  # the instance of unknown state was closed, not pooled
+    monkeypatch.undo()
+    assert free(dp)  # a fresh listening instance took its place: a client finds it at once
+    client = dockpoint.connect(app)
+    assert client is not None
+    with client, dp.accept(timeout=5) as server:
+        client.write(b"fresh")
+        assert server.read(timeout=10) == b"fresh"
+
+
+def test_an_interrupted_cancel_leaks_the_operation_rather_than_freeing_it(
+    dp: Dockpoint, app: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ctypes
+
+    client, server = pair(dp, app)
+    with client, server:
+        ch = client._ch
+        assert isinstance(ch, w._Channel)
+        op = w._Op()
+        buffer = ctypes.create_string_buffer(16)
+        op.keep = buffer
+
+        def interrupted(pipe: int, op_: w._Op) -> None:
+            w.CancelIoEx(pipe, ctypes.byref(op_.ov))
+            raise KeyboardInterrupt  # a second Ctrl+C before the completion was collected
+
+        monkeypatch.setattr(w, "_cancel", interrupted)
+        timer = interrupt_after(0.3)
+        with pytest.raises(KeyboardInterrupt):
+            w._run(op, ch._pipe, None, ch._wake, w.ReadFile, buffer, 16, None)
+        timer.join()
+        monkeypatch.undo()
+        assert op in w._LIMBO and op.keep is buffer  # kept, with its buffer, not freed
+        # Collect the cancelled read's completion, as the kernel still owns it, then free.
+        count = ctypes.c_ulong()
+        w.GetOverlappedResult(ch._pipe, ctypes.byref(op.ov), ctypes.byref(count), True)
+        w._LIMBO.discard(op)
+        op.close()
+        server.write(b"after")
+        assert client.read(timeout=10) == b"after"

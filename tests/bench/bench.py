@@ -23,6 +23,14 @@ keeps the issue's workload:
    daemon: served, ``None``/refused, p50/p99 connect latency.
 7. (``--wine``) round trip and connect cycle of the Windows backend under Wine, as ratios
    to a raw ctypes named-pipe client and server (information only).
+8-10. frontends, with ``--python`` (a venv's interpreter; bytecode written and cached):
+   cold ``python -m dockpoint send`` (no daemon -> reply; the daemon is stopped after each)
+   and the cold README recipe, each against ``python -c "import dockpoint"`` run twice in a
+   row; warm ``send`` (daemon up) against one such import. Interleaved; median and range
+   of the per-round ratios.
+11-12. storm: 30 and 100 ``send``s started at once against no daemon, against as many
+   ``python -c "import dockpoint"`` at once: wall, CPU (the frontends'), daemons started.
+13. cumulative ``import dockpoint`` (``-X importtime``) in the frontend interpreter.
 
 Rows 1-3 run in two CPU layouts (``--pin``): ``split``, client on one CPU and the echo
 servers on another (a frontend and a daemon on an idle machine: every wake-up crosses
@@ -1163,6 +1171,244 @@ def bench_wine(table: Table, reps: int, timeout: float) -> str | None:
     return None
 
 
+# --------------------------------------------------------------------------- rows 8-12: frontends
+
+SPAWN_APP = "dockpoint-bench-spawn"
+WARM_APP = "dockpoint-bench-warm"
+RECIPE_APP = "dockpoint-bench-recipe"
+STORM_APP = "dockpoint-bench-storm"
+STORM_SIZES = (30, 100)
+
+
+def frontend_env(env: dict[str, str]) -> dict[str, str]:
+    """Children of rows 8-12 run as a user's would: bytecode written and read."""
+    out = dict(env)
+    out.pop("PYTHONDONTWRITEBYTECODE", None)
+    return out
+
+
+def wait_gone(pid: int, timeout: float = 30.0) -> None:
+    """Wait until ``pid`` (not our child: a daemon reparented away) has ended."""
+    if hasattr(os, "pidfd_open"):
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            return
+        try:
+            if not select.select([fd], [], [], timeout)[0]:
+                raise TimeoutError(f"daemon {pid} did not exit")
+        finally:
+            os.close(fd)
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.001)
+    raise TimeoutError(f"daemon {pid} did not exit")
+
+
+def stop_daemon(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, 15)
+    wait_gone(pid)
+
+
+def recipe_dir(runtime: str) -> Path:
+    """The README's two recipe programs, written out with a bench app name."""
+    import re
+
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"^<!-- recipe: (\S+) -->\n```python\n(.*?)^```$", readme, re.M | re.S)
+    folder = Path(runtime) / "recipe"
+    folder.mkdir(exist_ok=True)
+    for name, code in blocks:
+        ours = re.sub(r'^APP = "[^"\n]*"$', f'APP = "{RECIPE_APP}"', code, count=1, flags=re.M)
+        (folder / name).write_text(ours, encoding="utf-8")
+    return folder
+
+
+class Frontends:
+    """Rows 8-12: ``python -m dockpoint send`` and the README recipe against their floors,
+    run with ``python`` (a venv's interpreter, bytecode cached)."""
+
+    def __init__(self, table: Table, reps: int, python: str, env: dict[str, str], runtime: str):
+        self.table, self.reps, self.python = table, reps, python
+        self.env = frontend_env(env)
+        self.recipe = recipe_dir(runtime)
+
+    def run(self, *args: str) -> tuple[float, bytes]:
+        start = time.perf_counter()
+        out = subprocess.run(
+            [self.python, *args],
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+        took = time.perf_counter() - start
+        if out.returncode != 0:
+            raise RuntimeError(f"{args!r} failed ({out.returncode}): {out.stderr[-2000:]!r}")
+        return took, out.stdout
+
+    def floor(self, times: int) -> float:
+        return sum(self.run("-c", "import dockpoint")[0] for _ in range(times))
+
+    def cold_send(self) -> float:
+        took, out = self.run("-m", "dockpoint", "send", SPAWN_APP, "hello")
+        stop_daemon(int(out.split()[0]))
+        return took
+
+    def warm_send(self) -> float:
+        return self.run("-m", "dockpoint", "send", WARM_APP, "hello")[0]
+
+    def cold_recipe(self) -> float:
+        took, out = self.run(str(self.recipe / "frontend.py"))
+        stop_daemon(int(out.split()[1]))  # "daemon PID got hello"
+        return took
+
+    def single(self) -> None:
+        """Rows 8-10, interleaved: floor, cold send, cold recipe, then warm send against
+        one import (a daemon started for it, stopped after)."""
+        _, out = self.run("-m", "dockpoint", "send", WARM_APP, "hi")
+        warm_daemon = int(out.split()[0])
+        got = interleave(
+            {
+                "floor2": lambda: self.floor(2),
+                "cold send": self.cold_send,
+                "cold recipe": self.cold_recipe,
+                "floor1": lambda: self.floor(1),
+                "warm send": self.warm_send,
+            },
+            self.reps,
+        )
+        stop_daemon(warm_daemon)
+        rows = [
+            ("8 cold send (no daemon -> reply)", "cold send", "floor2", "2 x import dockpoint"),
+            ("9 cold README recipe", "cold recipe", "floor2", "2 x import dockpoint"),
+            ("10 warm send (daemon up)", "warm send", "floor1", "1 x import dockpoint"),
+        ]
+        for row, side, floor, what in rows:
+            ratios = [a / b for a, b in zip(got[side], got[floor])]
+            ratio = median(ratios)
+            self.table.add(
+                row,
+                f"{median(got[side]) * 1e3:.1f} ms",
+                f"{what} {median(got[floor]) * 1e3:.1f} ms",
+                ratio=f"{ratio:.2f} ({min(ratios):.2f}-{max(ratios):.2f})",
+                target="<= 1.15",
+                met=ratio <= 1.15,
+                label=row.split(" (")[0],
+            )
+        _detail("8-10 frontends", got, scale=1e3, unit="ms")
+
+    def batch(self, args: list[list[str]]) -> tuple[float, float, list[bytes], list[bytes]]:
+        """Start every command at once; wall time, children's CPU time, outputs."""
+        import resource
+
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        start = time.perf_counter()
+        procs = [
+            subprocess.Popen(
+                [self.python, *a],
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
+            for a in args
+        ]
+        outs = [p.communicate(timeout=120) for p in procs]
+        wall = time.perf_counter() - start
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+        bad = [p.returncode for p in procs if p.returncode != 0]
+        if bad:
+            raise RuntimeError(f"{len(bad)} of {len(procs)} failed: {outs[0][1][-500:]!r}")
+        return wall, cpu, [o for o, _ in outs], [e for _, e in outs]
+
+    def storm(self, size: int) -> None:
+        """Rows 11-12: ``size`` sends at once against no daemon vs ``size`` imports at once."""
+        started: list[int] = []
+        answered: list[int] = []
+
+        def sends() -> float:
+            wall, cpu, outs, errs = self.batch(
+                [["-m", "dockpoint", "send", STORM_APP, f"m{i}", "-v"] for i in range(size)]
+            )
+            pids = {int(o.split()[0]) for o in outs}
+            spawned = [line for e in errs for line in e.splitlines() if b"started one" in line]
+            started.append(len(spawned))
+            answered.append(len(outs))
+            for pid in pids:
+                stop_daemon(pid)
+            cpus["send"].append(cpu)
+            return wall
+
+        def imports() -> float:
+            wall, cpu, _, _ = self.batch([["-c", "import dockpoint"]] * size)
+            cpus["floor"].append(cpu)
+            return wall
+
+        cpus: dict[str, list[float]] = {"send": [], "floor": []}
+        got = interleave({"floor": imports, "send": sends}, self.reps)
+        cpus = {k: v[1:] for k, v in cpus.items()}  # drop the warm-up round
+        started, answered = started[1:], answered[1:]
+        ratios = [a / b for a, b in zip(got["send"], got["floor"])]
+        cpu_ratios = [a / b for a, b in zip(cpus["send"], cpus["floor"])]
+        row = f"{11 if size == STORM_SIZES[0] else 12} storm of {size} sends, no daemon"
+        self.table.add(
+            row,
+            f"wall {median(got['send']):.2f} s",
+            f"{size} x import dockpoint at once, wall {median(got['floor']):.2f} s",
+            ratio=f"{median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})",
+            target="<= 1.20",
+            met=median(ratios) <= 1.2,
+            label=f"storm {size} wall",
+        )
+        self.table.add(
+            "",
+            f"CPU {median(cpus['send']):.2f} s",
+            f"CPU {median(cpus['floor']):.2f} s (frontends only)",
+            ratio=f"{median(cpu_ratios):.2f} ({min(cpu_ratios):.2f}-{max(cpu_ratios):.2f})",
+        )
+        self.table.add(
+            "",
+            f"daemons started per storm: {', '.join(map(str, started))}",
+            f"replies: {min(answered)}-{max(answered)} of {size}",
+            target="exactly 1",
+            met=all(n == 1 for n in started) and min(answered) == size,
+            label=f"storm {size} one daemon",
+        )
+        _detail(row, got, scale=1, unit="s wall")
+
+    def import_cumulative(self, runs: int = IMPORT_RUNS) -> None:
+        """Row 13: cumulative ``import dockpoint`` in the frontend interpreter."""
+        values = []
+        for _ in range(runs + 1):
+            out = subprocess.run(
+                [self.python, "-X", "importtime", "-c", "import dockpoint"],
+                env=self.env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=True,
+            )
+            values.append(parse_importtime(out.stderr)["dockpoint"][1] / 1000)
+        value = median(values[1:])
+        self.table.add(
+            f"13 import dockpoint, cumulative (median of {runs})",
+            f"{value:.2f} ms",
+            f"range {min(values[1:]):.2f}-{max(values[1:]):.2f} ms",
+            target="<= 2 ms",
+            met=value <= 2.0,
+            label="import cumulative",
+        )
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -1235,6 +1481,17 @@ def run(args: argparse.Namespace) -> int:
             if 6 in rows:
                 bench.burst()
             children.kill_all()
+            if rows & {8, 9, 10, 11, 12, 13}:
+                front = Frontends(table, args.reps, args.python, env, runtime)
+                print(f"rows 8-13: frontends run with {args.python}; load {os.getloadavg()}")
+                if rows & {8, 9, 10}:
+                    front.single()
+                for size in STORM_SIZES:
+                    if (11 if size == STORM_SIZES[0] else 12) in rows:
+                        front.storm(size)
+                if 13 in rows:
+                    front.import_cumulative()
+                print(f"rows 8-13 done; load {os.getloadavg()}")
             if 7 in rows:
                 wine_note = bench_wine(table, args.reps, args.wine_timeout)
         finally:
@@ -1276,8 +1533,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--rows",
         type=lambda s: [int(x) for x in s.split(",")],
-        default=[1, 2, 3, 4, 5, 6],
-        help="comma-separated rows to run (default 1,2,3,4,5,6; 7 is --wine)",
+        default=[1, 2, 3, 4, 5, 6, 8, 9, 10, 11, 12, 13],
+        help="comma-separated rows to run (default all but 7; 7 is --wine)",
     )
     parser.add_argument(
         "--pin",
@@ -1287,6 +1544,11 @@ def main(argv: list[str] | None = None) -> int:
         "on two CPUs), same (one CPU), both (default: split, then same), unpinned",
     )
     parser.add_argument("--no-profile", action="store_true", help="skip row 4's profile")
+    parser.add_argument(
+        "--python",
+        default=sys.executable,
+        help="interpreter for rows 8-13 (frontends): use a venv's, not a pyenv shim",
+    )
     parser.add_argument("--wine", action="store_true", help="also run row 7 under Wine")
     parser.add_argument("--wine-timeout", type=float, default=600.0)
     # Internal: the child roles of this script.

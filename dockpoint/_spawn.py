@@ -1,0 +1,454 @@
+"""``connect_or_spawn``: claim the endpoint, hand it to a daemon started for it, connect.
+
+Loaded only when a frontend finds nobody there. The protocol underneath (POSIX), which a
+daemon in any language can follow:
+
+- the frontend holds the claim (the ``flock``-ed lock file and the listening socket at
+  the endpoint path) and starts the daemon with both descriptors inherited, plus the
+  write end of a readiness pipe, named in the environment variable
+  ``DOCKPOINT_HANDOVER=<app>@<instance>:<socket fd>:<lock fd>:<ready fd>:<stderr>``
+  (``<stderr>`` is ``-``, or the inode number of the pipe that is the daemon's standard
+  error until it adopts the endpoint);
+- the frontend closes its own copies (the lock stays held: the daemon's copy of the same
+  open file holds it) and connects at once: the kernel queues the connection until the
+  daemon accepts;
+- the daemon verifies and adopts the endpoint, points a capture-pipe standard error at
+  the null device, writes ``+`` to the readiness descriptor and closes it. End of file
+  on the readiness pipe without ``+`` means the daemon died or let go of the endpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from time import monotonic
+
+from ._common import Api, DockpointConnection, SpawnError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # pragma: no cover
+    import subprocess
+    from collections.abc import Callable, Mapping
+    from typing import Any
+
+HANDOVER = "DOCKPOINT_HANDOVER"
+#: Not inherited by children (``O_CLOEXEC`` on POSIX, ``O_NOINHERIT`` on Windows).
+_PRIVATE = getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOINHERIT", 0)
+#: How much of the daemon's early error output a SpawnError keeps.
+TAIL_BYTES = 2048
+#: Longest single wait for a holder that is not accepting yet, before claiming again
+#: (the holder may be a daemon that is just exiting).
+HOLDER_SLICE = 0.25
+
+
+class Request:
+    """One ``connect_or_spawn`` call (arguments checked by ``Api.connect_or_spawn``)."""
+
+    def __init__(
+        self,
+        api: Api,
+        names: tuple[str, str, str],
+        argv: list[str | os.PathLike[str]],
+        timeout: float | None,
+        *,
+        log: str | os.PathLike[str] | None,
+        env: Mapping[str, str] | None,
+        on_spawn: Callable[[int], object] | None,
+    ) -> None:
+        self.api = api
+        self.app_name, self.instance, self.stem = names
+        self.argv = argv
+        self.deadline = float("inf") if timeout is None else monotonic() + timeout
+        self.log = log
+        self.env = env
+        self.on_spawn = on_spawn
+
+    def left(self) -> float:
+        return max(0.0, self.deadline - monotonic())
+
+    def connect(self, timeout: float | None = None) -> DockpointConnection | None:
+        return self.api.connect(self.app_name, self.instance, timeout=timeout)
+
+
+def connect_or_spawn(req: Request) -> DockpointConnection:
+    """See :meth:`dockpoint._common.Api.connect_or_spawn`."""
+    api, app_name, instance, stem = req.api, req.app_name, req.instance, req.stem
+    deadline = req.deadline
+    while True:
+        if sys.platform != "win32":
+            got = api._backend.listen(stem, None)
+            if got is not None:
+                return _hand_over(req, got[0])
+        else:  # no hand-over on Windows yet: start the daemon, let it claim, wait for it
+            return _spawn_plain(req)
+        # Someone holds the claim: a daemon, or a frontend handing it over. Its endpoint
+        # takes our connection into its queue as soon as it is in place.
+        left = deadline - monotonic()
+        conn = api.connect(app_name, instance, timeout=max(0.0, min(left, HOLDER_SLICE)))
+        if conn is not None:
+            return conn
+        if monotonic() >= deadline:
+            raise TimeoutError(
+                f"no daemon for {stem} accepted a connection in time "
+                "(another process holds the claim)"
+            )
+        conn = api.connect(app_name, instance)
+        if conn is not None:
+            return conn
+
+
+def _open_log(log: str | os.PathLike[str] | None) -> tuple[int, int]:
+    """The daemon's stdout/stderr descriptor and the log's size before it starts."""
+    if log is None:
+        return os.open(os.devnull, os.O_WRONLY | _PRIVATE), -1
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | _PRIVATE, 0o600)
+    return fd, os.fstat(fd).st_size
+
+
+def _popen(
+    argv: list[str | os.PathLike[str]],
+    out: int,
+    err: int,
+    pass_fds: tuple[int, ...],
+    environ: Mapping[str, str],
+) -> subprocess.Popen[bytes]:
+    import subprocess
+
+    if sys.platform == "win32":
+        flags = subprocess.DETACHED_PROCESS | subprocess.CREATE_NEW_PROCESS_GROUP
+        return subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=err,
+            close_fds=True,
+            creationflags=flags,
+            env=environ,
+        )
+    return subprocess.Popen(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=out,
+        stderr=err,
+        close_fds=True,
+        pass_fds=pass_fds,
+        start_new_session=True,  # no terminal, no SIGHUP when the frontend's session ends
+        env=environ,
+    )
+
+
+class _Daemon:
+    """A daemon started detached with ``os.posix_spawn`` (a frontend pays for every
+    import, and ``subprocess`` is a big one), or with ``subprocess`` where the platform's
+    ``posix_spawn`` cannot start a session. ``keep`` descriptors are inherited as
+    :attr:`fds`, everything else is closed or close-on-exec."""
+
+    def __init__(
+        self,
+        argv: list[str | os.PathLike[str]],
+        stdio: tuple[int, int],
+        keep: tuple[int, ...],
+        environ: dict[str, str],
+        variable: Callable[[tuple[int, ...]], str],
+    ) -> None:
+        self.code: int | None = None
+        self.pid = -1
+        self._popen: subprocess.Popen[bytes] | None = None
+        if sys.platform == "win32":  # the hand-over is POSIX-only so far
+            raise NotImplementedError("hand-over is POSIX-only")
+        out, err = stdio
+        spawn = getattr(os, "posix_spawnp", None)
+        if spawn is None or not hasattr(os, "waitstatus_to_exitcode"):
+            self.fds = keep
+            environ[HANDOVER] = variable(keep)
+            self._popen = _popen(argv, out, err, keep, environ)
+            self.pid = self._popen.pid
+            return
+        null = os.open(os.devnull, os.O_RDONLY | _PRIVATE)
+        try:
+            # Every source is close-on-exec; copies above all of them (dup2 clears the flag)
+            # become the daemon's stdio and the kept descriptors, whatever their numbers.
+            sources = (null, out, err, *keep)
+            top = max(sources) + 1
+            actions: list[tuple[int, ...]] = [
+                (os.POSIX_SPAWN_DUP2, fd, top + i) for i, fd in enumerate(sources)
+            ]
+            for i in range(3):
+                actions += [(os.POSIX_SPAWN_DUP2, top + i, i), (os.POSIX_SPAWN_CLOSE, top + i)]
+            mine = range(top, top + len(sources))
+            actions += [(os.POSIX_SPAWN_CLOSE, fd) for fd in _inheritable() if fd not in mine]
+            self.fds = tuple(range(top + 3, top + 3 + len(keep)))
+            environ[HANDOVER] = variable(self.fds)
+            try:
+                self.pid = spawn(argv[0], argv, environ, file_actions=actions, setsid=True)
+            except NotImplementedError:  # no POSIX_SPAWN_SETSID here
+                self.fds = keep
+                environ[HANDOVER] = variable(keep)
+                self._popen = _popen(argv, out, err, keep, environ)
+                self.pid = self._popen.pid
+        finally:
+            os.close(null)
+
+    def wait(self, timeout: float) -> int | None:
+        """The exit status (negative: the signal), or ``None`` if it still runs."""
+        if self._popen is not None:
+            import subprocess
+
+            try:
+                return self._popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                return None
+        if self.code is None and sys.platform != "win32":
+            pidfd = -1
+            if hasattr(os, "pidfd_open"):
+                try:
+                    pidfd = os.pidfd_open(self.pid)
+                except OSError:
+                    pidfd = -1
+            try:
+                deadline = monotonic() + timeout
+                while True:
+                    pid, status = os.waitpid(self.pid, os.WNOHANG)
+                    if pid:
+                        self.code = os.waitstatus_to_exitcode(status)
+                        break
+                    left = deadline - monotonic()
+                    if left <= 0:
+                        break
+                    if pidfd >= 0:
+                        import select
+
+                        select.select([pidfd], [], [], left)
+                    else:
+                        import time
+
+                        time.sleep(min(left, 0.001))  # no pidfd (macOS, BSD): bounded poll
+            finally:
+                if pidfd >= 0:
+                    os.close(pidfd)
+        return self.code
+
+    def stop(self) -> None:
+        """Kill a daemon that never adopted its endpoint (and its process group)."""
+        try:
+            if sys.platform != "win32":
+                import signal
+
+                os.killpg(self.pid, signal.SIGKILL)  # its own session: the group is its own
+            elif self._popen is not None:
+                self._popen.kill()
+        except OSError:
+            pass
+        self.wait(5.0)
+
+    def release(self) -> None:
+        """Let go of a daemon meant to outlive this process."""
+        if self._popen is not None:
+            import warnings
+
+            with warnings.catch_warnings():  # no "still running" ResourceWarning
+                warnings.simplefilter("ignore", ResourceWarning)
+                self._popen = None
+
+
+def _inheritable() -> list[int]:
+    """This process's inheritable descriptors from 3 up, which a daemon must not get."""
+    for where in ("/proc/self/fd", "/dev/fd"):
+        try:
+            names = os.listdir(where)
+        except OSError:
+            continue
+        found = []
+        for name in names:
+            fd = int(name)
+            try:
+                if fd > 2 and os.get_inheritable(fd):
+                    found.append(fd)
+            except OSError:  # the listing's own descriptor, closed by now
+                pass
+        return found
+    return []
+
+
+def _hand_over(req: Request, listener: Any) -> DockpointConnection:
+    stem, log = req.stem, req.log
+    ours: list[int] = []
+    proc = None
+    try:
+        sock_fd, lock_fd = listener.handles()
+        ready_r, ready_w = os.pipe()
+        ours += (ready_r, ready_w)
+        out, log_start = _open_log(log)
+        ours.append(out)
+        if log is None:  # capture early stderr in a pipe until the daemon adopts
+            err_r, err = os.pipe()
+            ours += (err_r, err)
+            capture = str(os.fstat(err).st_ino)
+        else:
+            err_r, err, capture = -1, out, "-"
+        environ = dict(os.environ if req.env is None else req.env)
+        proc = _Daemon(
+            req.argv,
+            (out, err),
+            (sock_fd, lock_fd, ready_w),
+            environ,
+            lambda fds: f"{stem}:{fds[0]}:{fds[1]}:{fds[2]}:{capture}",
+        )
+    except BaseException:
+        if proc is None:
+            listener.close()  # nobody got it: unlink, unlock
+        else:
+            listener.forget()
+        for fd in ours:
+            os.close(fd)
+        raise
+    listener.forget()  # the daemon's copies keep the claim
+    for fd in (ready_w, err, out) if err != out else (ready_w, out):
+        os.close(fd)
+    try:
+        if req.on_spawn is not None:
+            req.on_spawn(proc.pid)
+        _wait_adopted(req, proc, (ready_r, err_r), log_start)
+        # Connected only now, so peer_pid names the daemon (the kernel records the
+        # listener's pid at connect time); the daemon may still be on its way to accept(),
+        # the connection waits in its queue meanwhile.
+        conn = req.connect()
+        if conn is None:  # it adopted, then closed at once: ask again like any client
+            conn = req.connect(req.left())
+            if conn is None:
+                raise TimeoutError(f"the daemon for {stem} adopted its endpoint but closed it")
+        return conn
+    finally:
+        os.close(ready_r)
+        if err_r >= 0:
+            os.close(err_r)
+        proc.release()
+
+
+def _wait_adopted(req: Request, proc: _Daemon, pipes: tuple[int, int], log_start: int) -> None:
+    """Return once the daemon has adopted the endpoint; raise if it ends first."""
+    if sys.platform == "win32":  # the hand-over is POSIX-only so far
+        raise NotImplementedError("hand-over is POSIX-only")
+    import select
+
+    ready_r, err_r = pipes
+    stem, log, deadline = req.stem, req.log, req.deadline
+
+    tail = bytearray()
+    poller = select.poll()
+    poller.register(ready_r, select.POLLIN)
+    if err_r >= 0:
+        poller.register(err_r, select.POLLIN)
+    adopted = None
+    while adopted is None:
+        left = deadline - monotonic()
+        ready = poller.poll(None if left == float("inf") else max(0, int(left * 1000) + 1))
+        if not ready:
+            if deadline - monotonic() > 0:
+                continue
+            proc.stop()
+            raise TimeoutError(
+                f"the daemon started for {stem} (pid {proc.pid}) did not adopt its endpoint "
+                f"in time; it was stopped{_said(_tail(tail, err_r, log, log_start))}"
+            )
+        for fd, _ in ready:
+            chunk = os.read(fd, 4096)
+            if fd == ready_r:
+                adopted = chunk[:1] == b"+"
+            elif chunk:
+                tail += chunk
+                del tail[:-TAIL_BYTES]
+            else:
+                poller.unregister(fd)
+    if adopted:
+        return
+    # End of file without "+": it died, or closed the descriptors without adopting.
+    code = proc.wait(max(0.0, min(5.0, deadline - monotonic())))
+    if code is None:
+        proc.stop()
+    text = _tail(tail, err_r, log, log_start)
+    program = os.fsdecode(req.argv[0])
+    if code is None:
+        what = "closed the endpoint it was handed without adopting it; it was stopped"
+    elif code < 0:
+        what = f"was killed by signal {-code} before it adopted its endpoint"
+    else:
+        what = f"exited with status {code} before it adopted its endpoint"
+    raise SpawnError(
+        f"the daemon started for {stem} ({program}, pid {proc.pid}) {what}{_said(text)}",
+        proc.pid,
+        code,
+        text,
+    )
+
+
+def _said(text: str) -> str:
+    return f"; its last error output:\n{text}" if text else "; it wrote no error output"
+
+
+def _tail(tail: bytearray, err_r: int, log: str | os.PathLike[str] | None, log_start: int) -> str:
+    """The end of the daemon's early error output, from the capture pipe or the log."""
+    if err_r >= 0 and sys.platform != "win32":
+        os.set_blocking(err_r, False)
+        while True:
+            try:
+                chunk = os.read(err_r, 65536)
+            except BlockingIOError:  # a grandchild still holds the pipe open
+                break
+            if not chunk:
+                break
+            tail += chunk
+            del tail[:-TAIL_BYTES]
+        data = bytes(tail)
+    elif log is not None and log_start >= 0:
+        try:
+            with open(log, "rb") as f:
+                size = f.seek(0, 2)
+                f.seek(max(log_start, size - TAIL_BYTES))
+                data = f.read(TAIL_BYTES)
+        except OSError:
+            data = b""
+    else:
+        data = b""
+    return data.decode(errors="replace").strip()
+
+
+def _spawn_plain(req: Request) -> DockpointConnection:
+    """Start the daemon without a hand-over (Windows) and connect once it has claimed."""
+    stem, log, argv = req.stem, req.log, req.argv
+    out, log_start = _open_log(log)
+    try:
+        proc = _popen(argv, out, out, (), dict(os.environ if req.env is None else req.env))
+    finally:
+        os.close(out)
+    try:
+        if req.on_spawn is not None:
+            req.on_spawn(proc.pid)
+        pause = 0.005
+        while True:
+            conn = req.connect(min(req.left(), pause))
+            if conn is not None:
+                return conn
+            code = proc.poll()
+            if code is not None:
+                conn = req.connect()  # a daemon that lost a race exits 0
+                if conn is not None:
+                    return conn
+                if code != 0:
+                    text = _tail(bytearray(), -1, log, log_start)
+                    raise SpawnError(
+                        f"the daemon started for {stem} ({os.fsdecode(argv[0])}, pid "
+                        f"{proc.pid}) exited with status {code}{_said(text)}",
+                        proc.pid,
+                        code,
+                        text,
+                    )
+            if monotonic() >= req.deadline:
+                raise TimeoutError(f"no daemon for {stem} accepted a connection in time")
+            pause = min(pause * 2, 0.1)
+    finally:
+        import warnings
+
+        with warnings.catch_warnings():  # it is meant to outlive us: no "still running"
+            warnings.simplefilter("ignore", ResourceWarning)
+            proc = None  # type: ignore[assignment]

@@ -1,0 +1,251 @@
+"""dockpoint.aio benchmark: an asyncio echo daemon on dockpoint vs one on a raw socket.
+
+Run it from the repository root (it reports, it never fails on a missed target)::
+
+    python tests/bench/bench_aio.py              # about a minute on an idle 2-core machine
+    python tests/bench/bench_aio.py --json       # the same, one JSON object at the end
+
+Workload (issue 13, row "asyncio"): 1,000 concurrent clients, each connecting and then
+doing 100 round trips of a 64-byte message, against
+
+- ``dockpoint``: ``dockpoint.aio.start_server`` in a daemon process, clients through
+  ``dockpoint.aio.open_connection``;
+- ``raw``: ``asyncio.start_unix_server`` on a plain socket path in a daemon process,
+  clients through ``asyncio.open_unix_connection``.
+
+Both daemons echo with the same handler and run for the whole benchmark in their own
+processes; the clients of each round run in this process, in one event loop. Method: ONE
+run, one warm-up round per side, then ``--reps`` rounds (default 7) interleaved in
+alternating order (dockpoint raw, raw dockpoint, ...); throughput is round trips per
+second over the whole round (connects included); the ratio is the median of the per-round
+ratios dockpoint/raw (target: at least 0.9).
+
+``--pin`` (Linux) chooses the CPU layout: ``same`` (default; clients and daemons share one
+CPU, so a busy or small machine's scheduler does not decide the result), ``split``
+(clients on one CPU, daemons on another) or ``none``. The CPU cost ratio (clients' plus
+daemon's CPU seconds per round, Linux) is printed too: it is the steadiest number when
+other work shares the machine.
+
+``XDG_RUNTIME_DIR`` points at a private 0700 temporary directory for the run; the daemons
+are killed at the end, also on error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve()
+ROOT = HERE.parent.parent.parent
+MESSAGE = b"m" * 63 + b"\n"
+
+
+async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while True:
+            data = await reader.read(65536)
+            if not data:
+                break
+            writer.write(data)
+            await writer.drain()
+    except ConnectionError:
+        pass
+    finally:
+        writer.close()
+
+
+async def serve(side: str, where: str) -> None:
+    """A daemon: print ``ready`` once serving, stop when stdin closes."""
+    if side == "dockpoint":
+        import dockpoint.aio
+
+        server = await dockpoint.aio.start_server(echo, where)
+        if server is None:
+            raise SystemExit(f"{where} is already claimed")
+    else:
+        server = await asyncio.start_unix_server(echo, where, backlog=4096)  # type: ignore[assignment]
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+    loop.add_reader(sys.stdin.fileno(), lambda: done.done() or done.set_result(None))
+    print("ready", flush=True)
+    await done
+    server.close()
+
+
+async def clients(side: str, where: str, count: int, trips: int) -> float:
+    """Seconds for ``count`` concurrent clients to connect and do ``trips`` round trips."""
+    if side == "dockpoint":
+        import dockpoint.aio
+
+        async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+            got = await dockpoint.aio.open_connection(where, timeout=30)
+            assert got is not None, "no dockpoint daemon"
+            return got
+    else:
+
+        async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+            return await asyncio.open_unix_connection(where)
+
+    size = len(MESSAGE)
+
+    async def client() -> None:
+        reader, writer = await connect()
+        try:
+            for _ in range(trips):
+                writer.write(MESSAGE)
+                await writer.drain()
+                got = await reader.readexactly(size)
+                assert got == MESSAGE
+        finally:
+            writer.close()
+            await writer.wait_closed()
+
+    start = time.perf_counter()
+    await asyncio.wait_for(asyncio.gather(*(client() for _ in range(count))), 600)
+    return time.perf_counter() - start
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds process ``pid`` has used (Linux; 0.0 elsewhere)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rpartition(b")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def round_of(side: str, where: str, daemon: int, count: int, trips: int) -> tuple[float, float]:
+    """Wall seconds of one round, and the CPU seconds it took (clients plus daemon)."""
+    cpu0, daemon0 = time.process_time(), cpu_seconds(daemon)
+    took = asyncio.run(clients(side, where, count, trips))
+    return took, time.process_time() - cpu0 + cpu_seconds(daemon) - daemon0
+
+
+def spawn(side: str, where: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(
+        [sys.executable, str(HERE), "serve", side, where],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=env,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()  # the daemon says ready or dies (then b"")
+    if line != b"ready\n":
+        proc.kill()
+        proc.wait(10)
+        raise SystemExit(f"the {side} daemon did not start: {line!r}")
+    return proc
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clients", type=int, default=1000)
+    parser.add_argument("--trips", type=int, default=100)
+    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument(
+        "--pin",
+        choices=("same", "split", "none"),
+        default="same",
+        help="CPU layout (Linux): clients and daemons on one CPU (default), clients on one "
+        "and daemons on another, or left to the scheduler",
+    )
+    parser.add_argument("--json", action="store_true", help="print the results as JSON too")
+    args = parser.parse_args()
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if args.pin != "none" and len(cpus) < (2 if args.pin == "split" else 1):
+        args.pin = "none"
+    if sys.platform == "win32":
+        print("asyncio row: dockpoint.aio does not support Windows yet; nothing to measure")
+        return
+    runtime = tempfile.mkdtemp(prefix="dockpoint-bench-aio-")
+    os.chmod(runtime, 0o700)
+    os.environ["XDG_RUNTIME_DIR"] = runtime
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    sys.path.insert(0, str(ROOT))
+    app = "bench-aio"
+    raw_path = os.path.join(runtime, "raw.sock")
+    daemons: list[subprocess.Popen[bytes]] = []
+    try:
+        if args.pin != "none":
+            os.sched_setaffinity(0, {cpus[0]})  # the daemons inherit it
+        daemons.append(spawn("dockpoint", app, env))
+        daemons.append(spawn("raw", raw_path, env))
+        if args.pin == "split":
+            for proc in daemons:
+                os.sched_setaffinity(proc.pid, {cpus[1]})
+        sides = {"dockpoint": app, "raw": raw_path}
+        pids = {"dockpoint": daemons[0].pid, "raw": daemons[1].pid}
+        times: dict[str, list[float]] = {side: [] for side in sides}
+        cpu: dict[str, list[float]] = {side: [] for side in sides}
+        for rep in range(args.reps + 1):
+            order = list(sides.items())
+            for side, where in order if rep % 2 else order[::-1]:  # A B, B A, A B, ...
+                took, used = round_of(side, where, pids[side], args.clients, args.trips)
+                if rep:  # round 0 warms up
+                    times[side].append(took)
+                    cpu[side].append(used)
+        trips = args.clients * args.trips
+        ratios = [raw / dp for dp, raw in zip(times["dockpoint"], times["raw"])]
+        ratio = statistics.median(ratios)
+        cpu_ratios = [raw / dp for dp, raw in zip(cpu["dockpoint"], cpu["raw"])]
+        print(
+            f"asyncio echo, {args.clients} concurrent clients x {args.trips} round trips "
+            f"(connects included), {args.reps} interleaved rounds after a warm-up, "
+            f"CPU layout {args.pin}"
+        )
+        for side in sides:
+            rates = [trips / t for t in times[side]]
+            print(
+                f"  {side:9} median {statistics.median(rates):9.0f} round trips/s "
+                f"(min {min(rates):.0f}, max {max(rates):.0f})"
+            )
+        print(
+            f"  throughput ratio dockpoint/raw: median {ratio:.3f} "
+            f"(per round: {', '.join(f'{r:.3f}' for r in ratios)}); target >= 0.9"
+        )
+        if any(cpu_ratios):
+            print(
+                "  CPU cost ratio raw/dockpoint (clients + daemon CPU seconds, steadier on a "
+                f"busy machine): median {statistics.median(cpu_ratios):.3f} "
+                f"(per round: {', '.join(f'{r:.3f}' for r in cpu_ratios)})"
+            )
+        if args.json:
+            result = {
+                "row": "asyncio",
+                "pin": args.pin,
+                "ratio": ratio,
+                "ratios": ratios,
+                "cpu_ratios": cpu_ratios,
+            }
+            print(json.dumps({**result, "seconds": times, "cpu_seconds": cpu}))
+    finally:
+        for proc in daemons:
+            if proc.stdin is not None:
+                proc.stdin.close()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+            if proc.stdout is not None:
+                proc.stdout.close()
+        shutil.rmtree(runtime, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "serve":
+        sys.path.insert(0, str(ROOT))
+        asyncio.run(serve(sys.argv[2], sys.argv[3]))
+    else:
+        main()
