@@ -1,7 +1,8 @@
-"""Developer tasks: ``nox`` runs tests, lint and typecheck; ``nox -s wine`` runs the
-test suite against the Windows backend under Wine; ``nox -s bench`` is the benchmark.
+"""Developer tasks: ``nox`` runs tests, tests_macos_paths (the suite with macOS's socket
+paths simulated), lint and typecheck; ``nox -s wine`` runs the test suite against the
+Windows backend under Wine; ``nox -s bench`` is the benchmark.
 
-The ``tests`` sessions test the installed package: pytest runs from a temporary
+The test sessions test the installed package: pytest runs from a temporary
 directory, so the checkout's ``dockpoint/`` is not on ``sys.path`` (``tests/`` is, for
 ``from conftest import ...``), and the test suite refuses to run if ``dockpoint`` is
 imported from the checkout anyway (``DOCKPOINT_TEST_INSTALLED=1``).
@@ -18,7 +19,7 @@ import nox
 
 PYTHONS = ["3.9", "3.10", "3.11", "3.12", "3.13"]
 ROOT = Path(__file__).resolve().parent
-nox.options.sessions = ["tests", "lint", "typecheck"]
+nox.options.sessions = ["tests", "tests_macos_paths", "lint", "typecheck"]
 nox.options.reuse_existing_virtualenvs = True
 
 
@@ -37,11 +38,10 @@ if MISSING:
     )
 
 
-@nox.session(python=PYTHONS)
-def tests(session: nox.Session) -> None:
-    """The test suite, against the installed package, on every supported Python."""
+def _pytest(session: nox.Session, *options: str) -> None:
+    """pytest against the installed package, with ``options`` and the session's
+    arguments (paths given after ``--`` are the checkout's; pytest runs elsewhere)."""
     session.install(".[test]")
-    # Paths given after "--" are the checkout's; pytest runs elsewhere.
     args = [str(ROOT / a) if a.startswith("tests") else a for a in session.posargs]
     if not any(a.startswith(str(ROOT)) for a in args):
         args.append(str(ROOT / "tests"))
@@ -57,9 +57,24 @@ def tests(session: nox.Session) -> None:
         str(ROOT),
         "-p",
         "no:cacheprovider",
+        *options,
         *args,
         env={"DOCKPOINT_TEST_INSTALLED": "1"},
     )
+
+
+@nox.session(python=PYTHONS)
+def tests(session: nox.Session) -> None:
+    """The test suite, against the installed package, on every supported Python."""
+    _pytest(session)
+
+
+@nox.session(python="3.11")
+def tests_macos_paths(session: nox.Session) -> None:
+    """The whole test suite with macOS's socket paths simulated on Linux: a 103-byte
+    ``sun_path`` and no ``/proc/self/fd`` alias, so every socket of a test takes the short
+    fallback ``/tmp/dockpoint-<uid>`` while its lock file stays in the runtime directory."""
+    _pytest(session, "--simulate-macos-paths")
 
 
 @nox.session(python="3.11")

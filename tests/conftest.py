@@ -203,6 +203,13 @@ def claimed(app: str, instance: str = "default") -> dockpoint.Dockpoint:
     return dp
 
 
+def simulating_macos_paths() -> bool:
+    """Whether ``--simulate-macos-paths`` is on: then the :func:`runtime` fixture's
+    directory is too long for ``sun_path``, and every socket of the test is in the short
+    fallback ``/tmp/dockpoint-<uid>`` under a hashed name (its lock file is not)."""
+    return not WINDOWS and os.environ.get(MACOS_PATHS) == "1"
+
+
 def child_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = PACKAGE_ROOT + os.pathsep + env.get("PYTHONPATH", "")

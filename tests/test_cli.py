@@ -19,7 +19,7 @@ from time import monotonic, sleep
 from typing import TYPE_CHECKING
 
 import pytest
-from conftest import LINUX, child_env
+from conftest import LINUX, child_env, simulating_macos_paths
 
 import dockpoint
 from dockpoint._common import endpoint_stem
@@ -272,11 +272,36 @@ def servers() -> Iterator[list[Server]]:
         server.stop()
 
 
-def endpoint_files(app: str) -> tuple[Path, str, str]:
-    """The endpoint directory, lock file name and socket file name (POSIX)."""
-    address = dockpoint.address(app)
-    stem = endpoint_stem(app, "default")
-    return Path(os.path.dirname(address)), stem + ".lock", os.path.basename(address)
+class EndpointFiles:
+    """Where the files of ``app``'s default endpoint are (POSIX).
+
+    The lock file is in the endpoint directory, ``$XDG_RUNTIME_DIR/dockpoint`` (private
+    to the test); the socket is at :func:`dockpoint.address`: the same directory, except
+    where its path does not fit ``sun_path`` on an OS without ``/proc/self/fd`` (macOS,
+    ``--simulate-macos-paths``). There the socket is in the short per-user fallback
+    directory, which every such endpoint shares, under a hashed name.
+    """
+
+    def __init__(self, app: str) -> None:
+        self.directory = Path(os.environ["XDG_RUNTIME_DIR"]) / "dockpoint"
+        self.lock = self.directory / (endpoint_stem(app, "default") + ".lock")
+        self.socket = Path(dockpoint.address(app))
+        if simulating_macos_paths():  # the runtime dir is too long for sun_path
+            assert self.socket.parent == Path(f"/tmp/dockpoint-{os.geteuid()}"), self.socket
+            assert re.fullmatch(r"~[0-9a-f]{24}\.sock", self.socket.name), self.socket
+        else:
+            assert self.socket.parent == self.directory, self.socket
+        #: Where the socket is set up before it is renamed into place.
+        self.temp = self.socket.with_suffix(".new")
+
+    def present(self) -> list[Path]:
+        """This endpoint's files: everything in the endpoint directory, and in a shared
+        socket directory the entries named after this endpoint's socket."""
+        found = set(self.directory.iterdir())
+        if self.socket.parent != self.directory:
+            prefix = self.socket.stem + "."
+            found.update(p for p in self.socket.parent.iterdir() if p.name.startswith(prefix))
+        return sorted(found)
 
 
 # --------------------------------------------------------------------------- storm
@@ -379,8 +404,8 @@ def storm(env: dict[str, str], app: str, daemons: Daemons, number: int) -> tuple
     if LINUX:
         assert daemon_processes(app) == {winner}
     if POSIX:
-        directory, lock_name, sock_name = endpoint_files(app)
-        assert sorted(os.listdir(directory)) == sorted([lock_name, sock_name])
+        files = EndpointFiles(app)
+        assert files.present() == sorted([files.lock, files.socket])
     return winner, (
         f"storm round {number}: {FRONTENDS} frontends at the gate in {start - launch:.2f} s; "
         f"released, all answered by daemon {winner} in {wall:.2f} s; {len(spawned)} daemons "
@@ -399,8 +424,8 @@ def test_spawn_storm(env: dict[str, str], app: str, daemons: Daemons) -> None:
         os.kill(winner, how)
         assert wait_gone(winner, CLI_TIMEOUT)
         if POSIX and how == signal.SIGTERM:  # a clean stop removes the socket
-            directory, lock_name, _ = endpoint_files(app)
-            assert os.listdir(directory) == [lock_name]
+            files = EndpointFiles(app)
+            assert files.present() == [files.lock]
 
 
 def test_restart_after_sigkill(env: dict[str, str], app: str, daemons: Daemons) -> None:
@@ -618,9 +643,9 @@ def test_status_after_clean_stop(env: dict[str, str], app: str, servers: list[Se
     result = cli(env, "status", app)
     assert result.returncode == 1, result
     assert status_fields(result)["state"] == "absent"
-    directory, lock_name, _ = endpoint_files(app)
-    assert os.listdir(directory) == [lock_name]
-    assert (directory / lock_name).read_bytes() == b""
+    files = EndpointFiles(app)
+    assert files.present() == [files.lock]
+    assert files.lock.read_bytes() == b""
 
 
 @posix_only
@@ -630,10 +655,9 @@ def test_status_stale(env: dict[str, str], app: str, servers: list[Server]) -> N
     server.wait_ready()
     server.proc.kill()
     server.proc.wait(CLI_TIMEOUT)
-    directory, lock_name, sock_name = endpoint_files(app)
-    leftover = directory / (sock_name[: -len(".sock")] + ".new")
-    leftover.write_bytes(b"")  # as left by a daemon killed half-way through its claim
-    lock_before = (directory / lock_name).read_bytes()
+    files = EndpointFiles(app)
+    files.temp.write_bytes(b"")  # as left by a daemon killed half-way through its claim
+    lock_before = files.lock.read_bytes()
     assert lock_before == b"%d\n" % server.proc.pid
 
     result = cli(env, "status", app)
@@ -643,8 +667,8 @@ def test_status_stale(env: dict[str, str], app: str, servers: list[Server]) -> N
     assert f"pid {server.proc.pid}) that is gone" in fields["reason"]
     assert fields["address"] == dockpoint.address(app)
     # status looks without touching: the next claim still finds the same state.
-    assert (directory / lock_name).read_bytes() == lock_before
-    assert sorted(os.listdir(directory)) == sorted([lock_name, sock_name, leftover.name])
+    assert files.lock.read_bytes() == lock_before
+    assert files.present() == sorted([files.lock, files.socket, files.temp])
 
 
 def make_unsafe(runtime: Path, how: str) -> Path:
@@ -815,17 +839,17 @@ def test_stop_never_signals_a_pid_that_does_not_hold_the_claim(
         )
         started.append(holder)
         assert holder.stdout is not None and holder.stdout.readline() == b"claimed\n"
-        directory, lock_name, sock_name = endpoint_files(app)
+        files = EndpointFiles(app)
         opener = "import sys; f = open(sys.argv[1]); print('open', flush=True); sys.stdin.read()"
         bystander = subprocess.Popen(
-            [sys.executable, "-c", opener, str(directory / lock_name)],
+            [sys.executable, "-c", opener, str(files.lock)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
         )
         started.append(bystander)
         assert bystander.stdout is not None and bystander.stdout.readline() == b"open\n"
-        (directory / lock_name).write_bytes(b"%d\n" % bystander.pid)
-        os.unlink(directory / sock_name)  # no peer to ask who serves
+        files.lock.write_bytes(b"%d\n" % bystander.pid)
+        files.socket.unlink()  # no peer to ask who serves
         result = cli(env, "stop", app, "--timeout", "1")
         assert result.returncode == 1, result
         assert bystander.poll() is None and holder.poll() is None
