@@ -1039,12 +1039,16 @@ def _adopt(stem: str, info: str | None = None) -> tuple[_Listener, str] | None:
     fds = [dfd]
     sock = None
     try:
-        name = socket_filename(directory, stem, SUN_PATH_MAX)
-        if not _handed_over(sock_fd, lock_fd, dfd, (directory, stem, name)):
+        where, name = _place(directory, stem, uid)
+        sdfd = dfd  # the socket's directory: the lock's, or the short fallback
+        if where != directory:
+            sdfd = _open_directory(where, uid)
+            fds.append(sdfd)
+        if not _handed_over(sock_fd, lock_fd, (sdfd, dfd), (where, stem, name)):
             _close(fds)
             return None
         sock = socket.socket(fileno=sock_fd)
-        ino = os.lstat(name, dir_fd=dfd).st_ino
+        ino = os.lstat(name, dir_fd=sdfd).st_ino
         # Nothing may fail from here on: the descriptors are ours now.
         os.set_inheritable(sock_fd, False)  # exec'd children inherit nothing
         os.set_inheritable(lock_fd, False)
@@ -1062,21 +1066,28 @@ def _adopt(stem: str, info: str | None = None) -> tuple[_Listener, str] | None:
         raise
     import fcntl
 
-    shared = _share_lock(fcntl.flock, dfd)
+    lock_at: tuple[str, int | None] = (stem + ".lock", dfd)
+    if sdfd != dfd:  # as listen() does: the listener keeps the socket's directory
+        os.close(dfd)
+        lock_at = (directory + "/" + stem + ".lock", None)
+    shared = _share_lock(fcntl.flock, sdfd)
     listener = _Listener(
-        sock, dfd, lock_fd, (directory, name, ino), lock_at=(stem + ".lock", dfd), dir_locked=shared
+        sock, sdfd, lock_fd, (where, name, ino), lock_at=lock_at, dir_locked=shared
     )
     _ready(ready_fd, fields[4])
-    return listener, directory + "/" + name
+    return listener, where + "/" + name
 
 
-def _handed_over(sock_fd: int, lock_fd: int, dfd: int, where: tuple[str, str, str]) -> bool:
-    """Whether ``sock_fd`` is the listening socket of the endpoint ``where`` (directory,
-    stem, socket name) and ``lock_fd`` its lock file, locked through this very open file
-    description."""
+def _handed_over(
+    sock_fd: int, lock_fd: int, dfds: tuple[int, int], where: tuple[str, str, str]
+) -> bool:
+    """Whether ``sock_fd`` is the listening socket of the endpoint ``where`` (the socket's
+    directory, stem, socket name) and ``lock_fd`` its lock file, locked through this very
+    open file description; ``dfds`` are the socket's and the lock file's directories."""
     directory, stem, name = where
+    sdfd, dfd = dfds
     try:
-        return _our_socket(sock_fd, directory, name, dfd) and _our_lock(lock_fd, stem, dfd)
+        return _our_socket(sock_fd, directory, name, sdfd) and _our_lock(lock_fd, stem, dfd)
     except OSError:  # EBADF (not open here), ENOTSOCK, ...
         return False
 

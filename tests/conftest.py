@@ -210,6 +210,12 @@ def simulating_macos_paths() -> bool:
     return not WINDOWS and os.environ.get(MACOS_PATHS) == "1"
 
 
+def lock_file(app: str, instance: str = "default") -> Path:
+    """The lock file of ``app``'s endpoint: always in the endpoint directory under
+    ``$XDG_RUNTIME_DIR``, also when the socket is in the short fallback."""
+    return Path(os.environ["XDG_RUNTIME_DIR"]) / "dockpoint" / f"{app}@{instance}.lock"
+
+
 def child_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = PACKAGE_ROOT + os.pathsep + env.get("PYTHONPATH", "")

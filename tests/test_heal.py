@@ -11,7 +11,7 @@ import threading
 import time
 
 import pytest
-from conftest import Child, wait_blocked
+from conftest import Child, lock_file, wait_blocked
 
 import dockpoint
 
@@ -146,7 +146,7 @@ def test_a_file_planted_at_the_socket_path_is_left_alone(app: str, children: lis
 def test_a_deleted_lock_file_ends_the_claim(app: str, children: list[Child]) -> None:
     d = start_daemon(children, app)
     address = dockpoint.address(app)
-    lock = address[:-5] + ".lock"
+    lock = str(lock_file(app))
     os.unlink(lock)
     got = d.expect("lost", timeout=20).split()
     assert got[1:] == ["True", lock]  # closed, and the error names the lock file
@@ -168,7 +168,7 @@ def test_a_lock_file_replaced_by_a_new_claim_leaves_one_daemon(
 ) -> None:
     d = start_daemon(children, app)
     address = dockpoint.address(app)
-    os.unlink(address[:-5] + ".lock")
+    os.unlink(lock_file(app))
     dp = dockpoint.claim(app)  # a second claimer gets a new lock file and the socket path
     assert dp is not None
     with dp:
@@ -189,14 +189,14 @@ def test_a_lock_file_replaced_by_a_new_claim_leaves_one_daemon(
 
 def test_info_is_line_two_of_the_lock_file(app: str, children: list[Child]) -> None:
     d = start_daemon(children, app, "myapp 1.2.3 (build ü)")
-    with open(dockpoint.address(app)[:-5] + ".lock", encoding="utf-8") as f:
+    with open(lock_file(app), encoding="utf-8") as f:
         assert f.read() == f"{d.pid}\nmyapp 1.2.3 (build ü)\n"
 
 
 def test_no_info_is_the_pid_alone(app: str) -> None:
     dp = dockpoint.claim(app)
     assert dp is not None
-    with dp, open(dp.address[:-5] + ".lock", encoding="utf-8") as f:
+    with dp, open(lock_file(app), encoding="utf-8") as f:
         assert f.read() == f"{os.getpid()}\n"
 
 
@@ -223,7 +223,7 @@ def test_longest_info_is_accepted(app: str) -> None:
     text = "é" * dockpoint.MAX_INFO_LENGTH
     dp = dockpoint.claim(app, info=text)
     assert dp is not None
-    with dp, open(dp.address[:-5] + ".lock", encoding="utf-8") as f:
+    with dp, open(lock_file(app), encoding="utf-8") as f:
         assert f.read().splitlines()[1] == text
 
 

@@ -18,7 +18,7 @@ from time import monotonic
 from typing import TYPE_CHECKING
 
 import pytest
-from conftest import LINUX, child_env
+from conftest import LINUX, child_env, lock_file
 
 import dockpoint
 
@@ -171,7 +171,7 @@ def test_hand_over(app: str, daemon_py: Path, tmp_path: Path, spawned: Spawned) 
         assert report["stdin"] == os.devnull
         assert report["stderr"] == os.devnull, "early-stderr capture pipe still attached"
     # The lock file names the daemon, not the frontend that claimed first.
-    lock = Path(dockpoint.address(app)).with_suffix(".lock")
+    lock = lock_file(app)
     assert lock.read_text().split("\n")[0] == str(pid)
     # A second call finds the daemon: no spawn.
     again = dockpoint.connect_or_spawn(app, argv, timeout=TIMEOUT, on_spawn=spawned)
@@ -373,7 +373,8 @@ dp = dockpoint.claim(sys.argv[1])
 out = {"after": os.environ.get("DOCKPOINT_HANDOVER")}
 if dp is not None:
     out["address"] = dp.address
-    out["lock"] = open(dp.address[:-5] + ".lock").read().split()[0]
+    lock = os.environ["XDG_RUNTIME_DIR"] + "/dockpoint/" + sys.argv[1] + "@default.lock"
+    out["lock"] = open(lock).read().split()[0]
     dp.close()
 out["claimed"] = dp is not None
 open_fds = []
@@ -464,7 +465,7 @@ def test_forged_hand_over_is_not_adopted(app: str, forgery: str) -> None:
             import fcntl
 
             listener, sock_fd, lock_fd = raw_claim(app)
-            lock_path = dockpoint.address(app)[:-5] + ".lock"
+            lock_path = str(lock_file(app))
             fake = os.open(lock_path, os.O_RDWR)
             keep.append(fake)
             fcntl.flock(lock_fd, fcntl.LOCK_UN)  # the lock is nobody's now
