@@ -139,6 +139,7 @@ _OPEN_MODE = PIPE_ACCESS_DUPLEX | FILE_FLAG_OVERLAPPED
 _PIPE_MODE = PIPE_TYPE_BYTE | PIPE_READMODE_BYTE | PIPE_WAIT | PIPE_REJECT_REMOTE_CLIENTS
 _DIAL_FLAGS = FILE_FLAG_OVERLAPPED | SECURITY_SQOS_PRESENT | SECURITY_IDENTIFICATION
 _SHARE_ALL = FILE_SHARE_READ | FILE_SHARE_WRITE | FILE_SHARE_DELETE
+_SHARE_KEEP = FILE_SHARE_READ | FILE_SHARE_WRITE  # the lock file's holder
 _BUFFER = 65536  # pipe buffer quota each way; advisory, the kernel grows it as needed
 _WRITE_CHUNK = 1 << 20  # one WriteFile at most; also bounds the copy of a read-only view
 _SLICE_MS = 100  # longest uninterrupted wait, so Ctrl+C is noticed promptly
@@ -628,8 +629,10 @@ if sys.platform == "win32":
 
     def _take_lock(path: str) -> int | None:
         """The open lock file with both ranges locked, or ``None`` if someone holds it."""
+        # No FILE_SHARE_DELETE: while a claimer or the holder has it open, the lock file
+        # cannot be deleted or renamed, so nobody can start a second claim on a new file.
         handle = CreateFileW(
-            path, GENERIC_READ | GENERIC_WRITE, _SHARE_ALL, None, OPEN_ALWAYS,
+            path, GENERIC_READ | GENERIC_WRITE, _SHARE_KEEP, None, OPEN_ALWAYS,
             FILE_FLAG_OPEN_REPARSE_POINT, None,
         )  # fmt: skip
         if handle == INVALID_HANDLE_VALUE or not handle:

@@ -206,6 +206,23 @@ def test_the_lock_decides_the_claim_and_holds_pid_and_info(app: str, children: l
         assert f.read() == f"{os.getpid()}\n"  # rewritten, no stale info line
 
 
+def test_a_held_lock_file_cannot_be_deleted_or_renamed(app: str) -> None:
+    import os
+
+    # The POSIX holder notices a deleted lock file (ClaimLostError); on Windows the holder
+    # keeps it from being deleted at all, so no second claim can start on a new file.
+    _, path = w._lock_path(os.environ.get("LOCALAPPDATA"), f"{app}@default")
+    dp = dockpoint.claim(app)
+    assert dp is not None
+    with dp:
+        with pytest.raises(PermissionError):
+            os.remove(path)
+        with pytest.raises(PermissionError):
+            os.rename(path, path + ".moved")
+        assert dockpoint.claim(app) is None
+    os.remove(path)  # released: nothing keeps it any more
+
+
 def test_a_killed_holder_frees_the_lock(app: str, children: list[Child]) -> None:
     holder = Child(
         "import dockpoint, sys; dp = dockpoint.claim(sys.argv[1]); print(dp is not None); "
