@@ -11,7 +11,6 @@ from __future__ import annotations
 import _socket as socket
 import errno
 import os
-import select
 import sys
 from _thread import RLock
 from stat import S_ISDIR, S_ISFIFO, S_ISLNK, S_ISREG, S_ISSOCK
@@ -43,7 +42,7 @@ _BACKLOG = max(socket.SOMAXCONN, 4096)  # the kernel caps it at its own maximum
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # O_NONBLOCK: a FIFO planted at the lock path must not hang open().
 _LOCK_FLAGS = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
-_POLLIN = select.POLLIN
+_POLLIN = 1  # select.POLLIN on every POSIX; select is imported only by a wait
 _NOSIGNAL = getattr(socket, "MSG_NOSIGNAL", 0)  # EPIPE, not SIGPIPE (macOS: SO_NOSIGPIPE)
 _SO_NOSIGPIPE = 0x1022 if _DARWIN else 0
 # What a connect attempt raises when nobody is listening (socket.timeout and BlockingIOError:
@@ -299,6 +298,8 @@ class _Channel:
     def _timed_recv(self, max_bytes: int, timeout: float) -> bytes:
         sock = self._sock
         deadline = monotonic() + timeout
+        import select  # here: a client that never waits with a timeout does not load it
+
         poller = select.poll()
         poller.register(sock, _POLLIN)
         while True:
@@ -419,6 +420,8 @@ class _Listener:
                     wake = self._wake_fd()
                     if wake < 0:
                         return None
+                    import select  # loaded by the first wait, not by import dockpoint
+
                     poller = select.poll()
                     poller.register(wake, _POLLIN)
                     poller.register(self._sock, _POLLIN)
