@@ -785,7 +785,13 @@ def test_stop_on_every_os(env: dict[str, str], app: str, servers: list[Server]) 
     assert result.returncode == 0, result
     assert b"pid %d released the claim" % server.proc.pid in result.stdout
     server.proc.wait(CLI_TIMEOUT)
-    assert dockpoint.probe(app).state == "absent"
+    # TerminateProcess gives the daemon no chance to empty its lock file: the pid stays
+    # recorded, unheld ("stale"); the POSIX daemon exits cleanly ("absent").
+    want = "stale" if sys.platform == "win32" else "absent"
+    assert dockpoint.probe(app).state == want
+    freed = dockpoint.claim(app)  # either way the endpoint is free
+    assert freed is not None
+    freed.close()
     again = cli(env, "stop", app)
     assert again.returncode == 1, again
     assert b"nothing to stop" in again.stdout
