@@ -106,6 +106,8 @@ def wine(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """The benchmark (tests/bench/bench.py) against the installed package: prints a table
     and one summary line. It reports and never gates: a missed target still exits 0.
-    ``nox -s bench -- --wine`` adds row 7 (the Windows backend under Wine)."""
+    ``nox -s bench -- --wine`` adds row 7 (the Windows backend under Wine). Then the
+    asyncio echo row (tests/bench/bench_aio.py: dockpoint.aio vs asyncio.start_unix_server)."""
     session.install(".")
     session.run("python", "tests/bench/bench.py", *session.posargs)
+    session.run("python", "tests/bench/bench_aio.py")
