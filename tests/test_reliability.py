@@ -14,7 +14,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import run_python, wait_blocked
+from conftest import lock_file, run_python, wait_blocked
 
 import dockpoint
 
@@ -264,6 +264,9 @@ def _as_unprivileged_child(body: object, xdg: Path) -> dict[str, object]:
         try:
             os.close(r)
             if os.geteuid() == 0:
+                # Loaded lazily by the short-path code; root's interpreter may be unreadable after.
+                import hashlib  # noqa: F401
+
                 os.setgroups([])
                 os.setgid(65534)
                 os.setuid(65534)
@@ -288,11 +291,12 @@ def _claim_under_strict_umask(app: str) -> dict[str, object]:
     os.umask(0o177)
     dp = dockpoint.claim(app)
     assert dp is not None, "claim returned None"
-    base = os.path.dirname(dp.address)
+    lock = lock_file(app)  # the socket may be in the short fallback, the lock is not
     modes = {
         "uid": os.geteuid(),
-        "dir": stat.S_IMODE(os.lstat(base).st_mode),
-        "lock": stat.S_IMODE(os.lstat(dp.address[:-5] + ".lock").st_mode),
+        "dir": stat.S_IMODE(os.lstat(os.path.dirname(dp.address)).st_mode),
+        "lock_dir": stat.S_IMODE(os.lstat(lock.parent).st_mode),
+        "lock": stat.S_IMODE(os.lstat(lock).st_mode),
         "sock": stat.S_IMODE(os.lstat(dp.address).st_mode),
     }
     conn = dockpoint.connect(app)
@@ -308,14 +312,20 @@ def _claim_under_strict_umask(app: str) -> dict[str, object]:
     return modes
 
 
+@pytest.mark.parametrize("long_path", [False, True], ids=["short", "long"])
 @pytest.mark.parametrize("existing", [False, True], ids=["fresh", "left-0600"])
-def test_strict_umask_as_an_unprivileged_user(app: str, existing: bool) -> None:
-    # In /tmp, not the test's temporary directory: the dropped child must reach it.
-    xdg = Path(tempfile.mkdtemp(prefix="dockpoint-umask-"))
+def test_strict_umask_as_an_unprivileged_user(app: str, existing: bool, long_path: bool) -> None:
+    # In /tmp, not $TMPDIR: the dropped child must be able to reach it.
+    top = Path(tempfile.mkdtemp(prefix="dockpoint-umask-", dir="/tmp"))
+    xdg = top
+    if long_path:  # a socket path over the limit: the /proc alias, or the short fallback
+        xdg = top / ("x" * 110)
+        xdg.mkdir()
+        os.chmod(top, 0o755)
     try:
         _strict_umask(app, existing, xdg)
     finally:
-        shutil.rmtree(xdg)
+        shutil.rmtree(top)
 
 
 def _strict_umask(app: str, existing: bool, xdg: Path) -> None:
@@ -327,7 +337,7 @@ def _strict_umask(app: str, existing: bool, xdg: Path) -> None:
             os.chown(xdg / "dockpoint", 65534, 65534)
     got = _as_unprivileged_child(lambda: _claim_under_strict_umask(app), xdg)
     assert got.get("uid") != 0, "the child must not be root (root ignores modes)"
-    assert got == {**got, "dir": 0o700, "echo": "hi"}, got
+    assert got == {**got, "dir": 0o700, "lock_dir": 0o700, "echo": "hi"}, got
     assert got["lock"] in (0o1600, 0o600) and got["sock"] in (0o1600, 0o600), got
 
 
