@@ -205,7 +205,9 @@ def serve(app: str, instance: str, idle: float | None) -> int:
 
 def _stop_on_signals(dp: dockpoint.Dockpoint) -> None:
     """Make SIGTERM, SIGINT, SIGHUP (SIGBREAK on Windows) release the endpoint cleanly."""
-    import signal
+    # The C module: signal.py imports enum (and with it functools, collections, ...), which
+    # a daemon started by send would load between adopting its endpoint and accepting.
+    import _signal as signal  # type: ignore[import-not-found]
 
     def stop(signum: int, frame: FrameType | None) -> None:
         dp.close()  # wakes accept(), which raises DockpointClosedError

@@ -500,9 +500,11 @@ class DockpointConnection(_Closable):
         return f"<DockpointConnection {state}>"
 
 
-#: ``warnings.warn``, loaded by the first claim (``__del__`` may run when imports no
-#: longer work).
-_warn: Callable[..., None] | None = None
+try:  # ``warnings.warn`` itself, from the C module loaded at start-up: ``__del__`` may run
+    # when imports no longer work, and ``warnings.py`` is a module a daemon need not load.
+    from _warnings import warn as _warn
+except ImportError:  # pragma: no cover - an interpreter without it
+    from warnings import warn as _warn
 
 #: id -> weak reference of every open Dockpoint of this process, for the fork hook.
 _LIVE: dict[int, ReferenceType[Dockpoint]] = {}
@@ -662,8 +664,7 @@ class Dockpoint(_Closable):
     def __del__(self) -> None:
         # No imports here: at interpreter exit the import system is gone already.
         if getattr(self, "_listener", None) is not None:
-            if _warn is not None:
-                _warn(f"unclosed {self!r}", ResourceWarning, stacklevel=2)
+            _warn(f"unclosed {self!r}", ResourceWarning, stacklevel=2)
             self.close()
 
     @property
@@ -716,14 +717,9 @@ class Api:
         the frontend claimed and handed over to it (after checking that it is this
         endpoint and that this process holds its lock) instead of claiming anew.
         """
-        global _warn
         stem = endpoint_stem(app_name, instance)
         info = check_info(info)
         wait = check_timeout(wait, "wait")
-        if _warn is None:
-            from warnings import warn
-
-            _warn = warn
         dp = self._claim_once(stem, info, adopt=True)
         if dp is not None or not wait:
             return dp
