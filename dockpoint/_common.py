@@ -176,13 +176,27 @@ def validate_name(value: object, what: str) -> str:
     return value.lower()
 
 
+#: (app_name, instance) -> stem for names of type ``str`` that passed the rules (bounded):
+#: a client that connects again skips the checks.
+_STEMS: dict[tuple[str, str], str] = {}
+_MAX_STEMS = 256
+
+
 def endpoint_stem(app_name: object, instance: object) -> str:
     """The endpoint's base name, ``app@instance`` in lower case.
 
     Names are case-insensitive on every platform (Windows pipe names are), so
     ``"MyApp"`` and ``"myapp"`` name the same endpoint everywhere.
     """
-    return validate_name(app_name, "app_name") + "@" + validate_name(instance, "instance")
+    exact = type(app_name) is str and type(instance) is str
+    if exact:
+        stem = _STEMS.get((app_name, instance))  # type: ignore[arg-type]
+        if stem is not None:
+            return stem
+    stem = validate_name(app_name, "app_name") + "@" + validate_name(instance, "instance")
+    if exact and len(_STEMS) < _MAX_STEMS:
+        _STEMS[(app_name, instance)] = stem  # type: ignore[index]
+    return stem
 
 
 def check_timeout(timeout: object, what: str = "timeout") -> float | None:

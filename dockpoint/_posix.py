@@ -170,6 +170,20 @@ def _needs_dirfd(directory: str, name: str) -> bool:
     return _PROC_ALIAS and len(os.fsencode(directory)) + 1 + len(name) > SUN_PATH_MAX
 
 
+#: What ``dial`` computed from (XDG_RUNTIME_DIR, uid, stem, SUN_PATH_MAX, _PROC_ALIAS): a
+#: pure function of the key, cached (bounded) so a connect only checks, never recomputes.
+_SPOTS: dict[tuple[str, int, str, int, bool], tuple[str, str, str, str, bool]] = {}
+_MAX_SPOTS = 64
+
+
+def _spot(directory: str, stem: str, uid: int) -> tuple[str, str, str, str, bool]:
+    """The endpoint directory, the socket's directory and name, its path, and whether
+    that path is short enough to connect to as it is."""
+    where, name = _place(directory, stem, uid)
+    target = where + "/" + name
+    return directory, where, name, target, len(target) <= SUN_PATH_MAX and target.isascii()
+
+
 # --------------------------------------------------------------------------- identity
 
 
@@ -389,12 +403,21 @@ class _Backend:
     @staticmethod
     def dial(stem: str, timeout: float | None) -> _Channel | None:
         uid = os.geteuid()
+        xdg = os.environ.get("XDG_RUNTIME_DIR")
+        if xdg and xdg[0] == "/":  # where the endpoint is follows from the key alone
+            key = (xdg, uid, stem, SUN_PATH_MAX, _PROC_ALIAS)
+            spot = _SPOTS.get(key)
+            if spot is None:
+                spot = _spot(posix_directory(xdg, uid, None), stem, uid)
+                if len(_SPOTS) < _MAX_SPOTS:
+                    _SPOTS[key] = spot
+        else:  # the fallback depends on /run/user/<uid>, looked at each time
+            spot = _spot(_fallback(uid), stem, uid)
+        directory, where, name, target, short = spot
         # One lstat: the endpoint directory's (see the README's security model); the peer's
         # uid, checked below, proves the daemon is this user's.
-        directory = _directory(check=False, uid=uid)
         try:
             st = _checked_lstat(directory, uid)
-            where, name = _place(directory, stem, uid)
             if where != directory:  # the socket lives in the short fallback directory
                 st = _checked_lstat(where, uid)
         except FileNotFoundError:  # no runtime dir (logged out) or no endpoint dir yet
@@ -403,8 +426,6 @@ class _Backend:
             except FileNotFoundError:
                 pass
             return None
-        target = where + "/" + name
-        short = len(target) <= SUN_PATH_MAX and target.isascii()  # the common case
         dfd = None
         if not short and _needs_dirfd(where, name):
             dfd = os.open(where, _DIR_FLAGS)

@@ -47,6 +47,10 @@ from ._posix import (  # noqa: E402
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # pragma: no cover
     from collections.abc import Callable
+    from typing import Any
+
+#: A poll that took longer than this slept (no client was waiting when accept() began).
+_SLEPT = 0.0002
 
 
 def _open_directory(directory: str, uid: int) -> int:
@@ -96,8 +100,10 @@ class _Listener:
         "_name",
         "_next_check",
         "_owner",
+        "_pollers",
         "_sock",
         "_uid",
+        "_waits",
         "_wake_r",
         "_wake_w",
         "_woken",
@@ -133,58 +139,84 @@ class _Listener:
         self._wake_r = self._wake_w = -1
         self._woken = False
         self._next_check = monotonic() + CHECK_INTERVAL
+        # Poll objects made by earlier waits, free for reuse (one thread polls each one).
+        self._pollers: list[Any] = []
+        # Whether the last wait slept: clients come one at a time, so the next accept()
+        # polls first instead of trying accept4 only to meet EAGAIN.
+        self._waits = False
 
     def accept(self, timeout: float | None) -> _Channel | None:
         deadline = None if timeout is None else monotonic() + timeout
         poller = None
-        while True:
-            try:  # a client already waiting is taken at once; poll only to wait
-                fd, _ = self._sock._accept()  # type: ignore[attr-defined]  # accept4, CLOEXEC
-            except (BlockingIOError, ConnectionAbortedError):  # none yet, or it gave up
+        try_first = not self._waits  # a client is likely waiting already: take it at once
+        try:
+            while True:
                 conn = None
-            else:  # family, type and protocol given: the socket object asks the kernel less
-                conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fd)
-            if conn is None:
-                if poller is None:  # one per call: poll objects cannot be shared by threads
-                    wake = self._wake_fd()
-                    if wake < 0:
-                        return None
-                    import select  # loaded by the first wait, not by import dockpoint
-
-                    poller = select.poll()
-                    poller.register(wake, _POLLIN)
-                    poller.register(self._sock, _POLLIN)
-                now = monotonic()
-                if now >= self._next_check:
-                    self._next_check = now + CHECK_INTERVAL
-                    self._check()
-                left = self._next_check - now
-                if deadline is not None and deadline - now < left:
-                    left = deadline - now
-                ready = poller.poll(_ms(left))
-                if not ready:
-                    if deadline is not None and monotonic() >= deadline:
-                        raise TimeoutError(f"no client arrived within {timeout} s")
+                if try_first:
+                    try:
+                        fd, _ = self._sock._accept()  # type: ignore[attr-defined]  # accept4
+                    except (BlockingIOError, ConnectionAbortedError):  # none yet, or gone
+                        pass
+                    else:  # family, type and protocol given: fewer questions to the kernel
+                        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fd)
+                try_first = True
+                if conn is None:
+                    if poller is None:
+                        poller = self._poller()
+                        if poller is None:
+                            return None  # woken before the wake pipe existed
+                    now = monotonic()
+                    if now >= self._next_check:
+                        self._next_check = now + CHECK_INTERVAL
+                        self._check()
+                    left = self._next_check - now
+                    if deadline is not None and deadline - now < left:
+                        left = deadline - now
+                    ready = poller.poll(_ms(left))
+                    self._waits = monotonic() - now > _SLEPT
+                    if not ready:
+                        if deadline is not None and monotonic() >= deadline:
+                            raise TimeoutError(f"no client arrived within {timeout} s")
+                        continue
+                    for fd, _ in ready:
+                        if fd == self._wake_r:
+                            return None
                     continue
-                for fd, _ in ready:
-                    if fd == self._wake_r:
-                        return None
-                continue
-            # BSD accept() inherits O_NONBLOCK from the listener; Linux's never does, so
-            # there only a socket.setdefaulttimeout() needs undoing.
-            if not _LINUX or conn.gettimeout() is not None:
-                conn.setblocking(True)
-            if _SO_NOSIGPIPE:
-                conn.setsockopt(socket.SOL_SOCKET, _SO_NOSIGPIPE, 1)
-            try:
-                pid, uid = _peer(conn)
-            except OSError:
-                conn.close()
-                continue
-            if uid != self._uid:  # another user's client: drop it unserved
-                conn.close()
-                continue
-            return _Channel(conn, pid)
+                # BSD accept() inherits O_NONBLOCK from the listener; Linux's never does,
+                # so there only a socket.setdefaulttimeout() needs undoing.
+                if not _LINUX or conn.gettimeout() is not None:
+                    conn.setblocking(True)
+                if _SO_NOSIGPIPE:
+                    conn.setsockopt(socket.SOL_SOCKET, _SO_NOSIGPIPE, 1)
+                try:
+                    pid, uid = _peer(conn)
+                except OSError:
+                    conn.close()
+                    continue
+                if uid != self._uid:  # another user's client: drop it unserved
+                    conn.close()
+                    continue
+                return _Channel(conn, pid)
+        finally:
+            if poller is not None:
+                self._pollers.append(poller)
+
+    def _poller(self) -> Any:
+        """A poll object watching the wake pipe and the socket, free for this thread:
+        reused, or made (with the wake pipe) on first use; ``None`` once woken."""
+        try:
+            return self._pollers.pop()  # atomic: no two threads get the same one
+        except IndexError:
+            pass
+        wake = self._wake_fd()
+        if wake < 0:
+            return None
+        import select  # loaded by the first wait, not by import dockpoint
+
+        poller = select.poll()  # one per thread at a time: a poll object cannot be shared
+        poller.register(wake, _POLLIN)
+        poller.register(self._sock, _POLLIN)
+        return poller
 
     def _wake_fd(self) -> int:
         """The wake pipe's read end, made on first use; -1 once woken."""
@@ -275,6 +307,7 @@ class _Listener:
 
     def forget(self) -> None:
         """Close this process's descriptors only."""
+        self._pollers.clear()
         self._sock.close()
         for fd in (self._wake_r, self._wake_w, self._lock, self._dfd):
             if fd >= 0:
