@@ -784,7 +784,8 @@ class Api:
             is unsafe.
         """
         stem = endpoint_stem(app_name, instance)
-        timeout = check_timeout(timeout)
+        if timeout is not None:
+            timeout = check_timeout(timeout)
         dial = self._backend.dial
         busy_only = False
         if timeout is None:

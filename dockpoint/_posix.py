@@ -85,6 +85,11 @@ def _unsafe(path: str, st: os.stat_result, uid: int, label: str = "") -> Permiss
     return PermissionError(errno.EACCES, f"unsafe directory for dockpoint{label}: {why}", path)
 
 
+#: A directory passes _unsafe() when these bits of its mode are exactly S_IFDIR (a
+#: directory, so not a symbolic link, and nothing for group or others) and it is ours.
+_KIND_AND_OPEN, _S_IFDIR = 0o170077, 0o040000
+
+
 def _checked_lstat(path: str, uid: int) -> os.stat_result:
     st = os.lstat(path)
     bad = _unsafe(path, st, uid)
@@ -417,7 +422,9 @@ class _Backend:
         # One lstat: the endpoint directory's (see the README's security model); the peer's
         # uid, checked below, proves the daemon is this user's.
         try:
-            st = _checked_lstat(directory, uid)
+            st = os.lstat(directory)
+            if st.st_mode & _KIND_AND_OPEN != _S_IFDIR or st.st_uid != uid:  # as _unsafe()
+                st = _checked_lstat(directory, uid)  # raises, naming what is wrong
             if where != directory:  # the socket lives in the short fallback directory
                 st = _checked_lstat(where, uid)
         except FileNotFoundError:  # no runtime dir (logged out) or no endpoint dir yet
