@@ -103,8 +103,42 @@ def _open_log(log: str | os.PathLike[str] | None) -> tuple[int, int]:
     """The daemon's stdout/stderr descriptor and the log's size before it starts."""
     if log is None:
         return os.open(os.devnull, os.O_WRONLY | _PRIVATE), -1
+    if sys.platform == "win32":  # O_APPEND is the C runtime's: the daemon's handle needs it
+        return _open_append(log)
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | _PRIVATE, 0o600)
     return fd, os.fstat(fd).st_size
+
+
+if sys.platform == "win32":
+
+    def _open_append(log: str | os.PathLike[str]) -> tuple[int, int]:
+        """A descriptor whose handle may only append (``FILE_APPEND_DATA``): every write of
+        every process that inherits it lands at the end of the file."""
+        import msvcrt
+
+        from ._win32 import (
+            FILE_APPEND_DATA,
+            FILE_SHARE_DELETE,
+            FILE_SHARE_READ,
+            FILE_SHARE_WRITE,
+            INVALID_HANDLE_VALUE,
+            OPEN_ALWAYS,
+            CloseHandle,
+            CreateFileW,
+            _error,
+        )
+
+        path = os.fspath(log)
+        share = FILE_SHARE_READ | FILE_SHARE_WRITE | FILE_SHARE_DELETE
+        handle = CreateFileW(path, FILE_APPEND_DATA, share, None, OPEN_ALWAYS, 0, None)
+        if handle == INVALID_HANDLE_VALUE or not handle:
+            raise _error(None, path)
+        try:
+            fd = msvcrt.open_osfhandle(handle, os.O_WRONLY | os.O_APPEND)
+        except BaseException:
+            CloseHandle(handle)
+            raise
+        return fd, os.stat(path).st_size
 
 
 def _popen(
@@ -332,6 +366,10 @@ def _hand_over(req: Request, listener: Any) -> DockpointConnection:
             conn = req.connect(req.left())
             if conn is None:
                 raise TimeoutError(f"the daemon for {stem} adopted its endpoint but closed it")
+        if sys.platform == "win32" and conn.peer_pid == os.getpid():
+            # A pipe reports the process that made the instance: this one made the instance
+            # the daemon adopted and serves this connection on.
+            conn.peer_pid = proc.pid
         return conn
     finally:
         listener.let_go()  # Windows: once the daemon holds the hand-over range, or died

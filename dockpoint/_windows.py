@@ -819,7 +819,9 @@ if sys.platform == "win32":
         if channel is not None:
             server = channel.peer_pid
             channel.close()  # not a byte sent: the daemon reads end of stream
-            if server is not None:
+            # The lock names the holder; the pipe names the process that made the instance,
+            # which for the one handed over by connect_or_spawn is the frontend.
+            if server is not None and (pid is None or not held):
                 pid, who = server, f"pid {server}"
             return (
                 "listening", name, pid, info,

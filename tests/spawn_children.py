@@ -72,7 +72,8 @@ def daemon(app: str, pidfile: str, count: int) -> None:
 
 def report(dp: dockpoint.Dockpoint, before: str | None) -> dict[str, object]:
     proc_fd = "/proc/self/fd"
-    fds = sorted(map(int, os.listdir(proc_fd))) if os.path.isdir(proc_fd) else []
+    linux = sys.platform.startswith("linux")  # (Wine maps /proc to the Linux one: not ours)
+    fds = sorted(map(int, os.listdir(proc_fd))) if linux else []
     return {
         "pid": os.getpid(),
         "before": before,

@@ -311,12 +311,19 @@ def claimer(app: str, handover: str, handles: tuple[int, ...]) -> dict[str, obje
         for handle in handles:
             os.set_handle_inheritable(handle, True)
         try:
-            run = subprocess.run(
-                argv, env=env, startupinfo=info, capture_output=True, timeout=TIMEOUT
+            proc = subprocess.Popen(
+                argv, env=env, startupinfo=info, stdout=subprocess.PIPE, stderr=subprocess.PIPE
             )
-        finally:
+        finally:  # at once: a frontend thread may close the lock handle meanwhile
             for handle in handles:
                 os.set_handle_inheritable(handle, False)
+        try:
+            out, err = proc.communicate(timeout=TIMEOUT)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate(timeout=TIMEOUT)
+        run = subprocess.CompletedProcess(argv, proc.returncode, out, err)
     else:
         run = subprocess.run(
             argv, env=env, pass_fds=handles, capture_output=True, timeout=TIMEOUT, check=False
