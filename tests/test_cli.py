@@ -461,6 +461,35 @@ def test_send_leaves_no_resource_warning(env: dict[str, str], app: str, daemons:
     assert result.stderr == b""
 
 
+#: The echo daemon's own code path (claim, signal handlers, an idle accept) and a quick
+#: ``send``, in one process: what each of them loads.
+CLI_MODULES = """
+import sys
+from dockpoint._cli import daemon, main
+app = sys.argv[1]
+served = daemon(["serve", app, "default", "0.05"])  # claims, sets handlers, idles out
+sent = main(["send", app, "hi", "--no-spawn"])  # nobody there now: exit status 1
+heavy = {"signal", "enum", "warnings", "argparse", "dockpoint._cli_more", "subprocess"}
+print(served, sent, " ".join(sorted(heavy & set(sys.modules))) or "none")
+"""
+
+
+def test_serve_and_send_load_no_enum_nor_argparse(env: dict[str, str], app: str) -> None:
+    """The daemon ``send`` starts sets its handlers through ``_signal`` (``signal.py``
+    loads enum between adopting the endpoint and accepting) and claims without
+    ``warnings.py``; a well-formed ``send`` is parsed without argparse."""
+    quiet = {k: v for k, v in env.items() if k not in ("PYTHONWARNINGS", "PYTHONDEVMODE")}
+    done = subprocess.run(
+        [sys.executable, "-c", CLI_MODULES, app],
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT,
+        env=quiet,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1].split() == ["0", "1", "none"], done.stdout
+
+
 # --------------------------------------------------------------------------- burst
 
 BURST = 500

@@ -597,6 +597,42 @@ def test_import_pulls_in_no_ctypes_nor_typing_helpers() -> None:
     assert new <= allowed, new
 
 
+CLIENT_MODULES = """
+import sys
+import dockpoint
+conn = dockpoint.connect(sys.argv[1])
+conn.write(b"x")
+assert conn.read() == b"x"
+conn.close()
+heavy = {"dockpoint._posix_claim", "fcntl", "select", "signal", "enum", "socket", "warnings"}
+print(" ".join(sorted(heavy & set(sys.modules))) or "none")
+"""
+
+
+def test_a_client_loads_only_what_a_connect_needs(app: str) -> None:
+    """import dockpoint, connect, write, read, close: the claim side (and fcntl, select)
+    stays unloaded, so a frontend whose daemon runs pays for none of it."""
+    env = child_env()
+    env.pop("PYTHONWARNINGS", None)  # -W options would load warnings.py at start-up
+    with claimed(app) as dp:
+        child = subprocess.Popen(
+            [sys.executable, "-c", CLIENT_MODULES, app],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        try:
+            with dp.accept(timeout=30) as server:
+                server.write(server.read(timeout=30))
+            out, err = child.communicate(timeout=30)
+        finally:
+            child.kill()
+            child.wait(10)
+    assert child.returncode == 0, err
+    assert out.split() == ["none"]
+
+
 EXEC_PARENT = """
 import dockpoint, subprocess, sys
 dp = dockpoint.claim(sys.argv[1])
