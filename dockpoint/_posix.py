@@ -177,7 +177,7 @@ def _needs_dirfd(directory: str, name: str) -> bool:
 
 #: What ``dial`` computed from (XDG_RUNTIME_DIR, uid, stem, SUN_PATH_MAX, _PROC_ALIAS): a
 #: pure function of the key, cached (bounded) so a connect only checks, never recomputes.
-_SPOTS: dict[tuple[str, int, str, int, bool], tuple[str, str, str, str, bool]] = {}
+_SPOTS: dict[tuple[str | bytes, int, str, int, bool], tuple[str, str, str, str, bool]] = {}
 _MAX_SPOTS = 64
 
 
@@ -408,12 +408,23 @@ class _Backend:
     @staticmethod
     def dial(stem: str, timeout: float | None) -> _Channel | None:
         uid = os.geteuid()
-        xdg = os.environ.get("XDG_RUNTIME_DIR")
-        if xdg and xdg[0] == "/":  # where the endpoint is follows from the key alone
+        environ = os.environ
+        # os.environ's own dict (bytes on POSIX, kept current by os.environ[...] = ...):
+        # read without the Mapping's encode/decode calls.
+        data = getattr(environ, "_data", None)
+        xdg: str | bytes | None
+        if type(data) is dict:
+            xdg = data.get(b"XDG_RUNTIME_DIR")
+            absolute = xdg is not None and xdg[:1] == b"/"
+        else:  # pragma: no cover - os.environ replaced by something else
+            xdg = environ.get("XDG_RUNTIME_DIR")
+            absolute = xdg is not None and xdg[:1] == "/"
+        if absolute:  # where the endpoint is follows from the key alone
+            assert xdg is not None
             key = (xdg, uid, stem, SUN_PATH_MAX, _PROC_ALIAS)
             spot = _SPOTS.get(key)
             if spot is None:
-                spot = _spot(posix_directory(xdg, uid, None), stem, uid)
+                spot = _spot(posix_directory(os.fsdecode(xdg), uid, None), stem, uid)
                 if len(_SPOTS) < _MAX_SPOTS:
                     _SPOTS[key] = spot
         else:  # the fallback depends on /run/user/<uid>, looked at each time
