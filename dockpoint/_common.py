@@ -43,8 +43,12 @@ if TYPE_CHECKING:  # pragma: no cover - names for type hints only, never importe
         def close(self) -> None: ...
         def forget(self) -> None: ...
         def handles(self) -> tuple[int, int]:
-            """The listening socket's and the lock's descriptors (POSIX) or handles
-            (Windows), to be inherited by a daemon that adopts the endpoint."""
+            """The listening socket's and the lock's descriptors (POSIX) or the free pipe
+            instance's and the lock file's handles (Windows), for a daemon to adopt."""
+
+        def let_go(self) -> None:
+            """After :meth:`forget` in a hand-over, once the daemon has taken over (or died):
+            release what it takes itself (Windows: the claim's locks); POSIX: nothing."""
 
     class Backend(Protocol):
         """What a backend module provides."""
@@ -101,6 +105,8 @@ READ_CHUNK_LIMIT = 1 << 20
 #: How long a single-attempt ``connect`` keeps retrying a holder that is alive but cannot
 #: take the connection yet (a full backlog on macOS/BSD answers "refused").
 BUSY_GRACE = 5.0
+#: The environment variable naming an endpoint handed over by ``connect_or_spawn``.
+HANDOVER = "DOCKPOINT_HANDOVER"
 #: Longest ``info=`` text :func:`dockpoint.claim` publishes, in characters.
 MAX_INFO_LENGTH = 200
 

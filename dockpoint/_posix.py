@@ -552,6 +552,9 @@ class _Listener:
                 os.close(fd)
         self._wake_r = self._wake_w = self._lock = self._dfd = -1
 
+    def let_go(self) -> None:
+        """Nothing: the daemon's copy of the lock file's open description holds the lock."""
+
 
 # --------------------------------------------------------------------------- backend
 

@@ -1,20 +1,26 @@
 """``connect_or_spawn``: claim the endpoint, hand it to a daemon started for it, connect.
 
-Loaded only when a frontend finds nobody there. The protocol underneath (POSIX), which a
-daemon in any language can follow:
+Loaded only when a frontend finds nobody there. The protocol underneath, which a daemon in
+any language can follow:
 
-- the frontend holds the claim (the ``flock``-ed lock file and the listening socket at
-  the endpoint path) and starts the daemon with both descriptors inherited, plus the
+- the frontend holds the claim and starts the daemon with the endpoint inherited, plus the
   write end of a readiness pipe, named in the environment variable
-  ``DOCKPOINT_HANDOVER=<app>@<instance>:<socket fd>:<lock fd>:<ready fd>:<stderr>``
-  (``<stderr>`` is ``-``, or the inode number of the pipe that is the daemon's standard
-  error until it adopts the endpoint);
-- the frontend closes its own copies (the lock stays held: the daemon's copy of the same
-  open file holds it) and connects at once: the kernel queues the connection until the
-  daemon accepts;
+  ``DOCKPOINT_HANDOVER=<app>@<instance>:<socket>:<lock>:<ready>:<stderr>``;
+- POSIX: ``<socket>`` and ``<lock>`` are the listening socket's and the ``flock``-ed lock
+  file's descriptors, ``<stderr>`` is ``-`` or the inode number of the pipe that is the
+  daemon's standard error until it adopts. The frontend closes its own copies (the lock
+  stays held: the daemon's copy of the same open file holds it) and waits for ``+``;
+- Windows: ``<socket>`` is the handle of the pipe's listening instance and ``<lock>`` of
+  the lock file (inherited handles keep their values), ``<stderr>`` is ``-`` or ``pipe``. A
+  ``LockFileEx`` lock is not inherited, so the daemon takes the lock file's hand-over range
+  (byte 2 at offset 2**30, see :mod:`dockpoint._windows`) and writes ``h``; the frontend then
+  releases the claim and alive ranges, which the daemon takes, and releases the hand-over
+  range. A claimer that wins the claim range while the hand-over range is held gives it back;
 - the daemon verifies and adopts the endpoint, points a capture-pipe standard error at
   the null device, writes ``+`` to the readiness descriptor and closes it. End of file
   on the readiness pipe without ``+`` means the daemon died or let go of the endpoint.
+  Meanwhile the frontend has connected or connects: the listening socket (or pipe
+  instance) holds the connection until the daemon accepts.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import os
 import sys
 from time import monotonic
 
-from ._common import Api, DockpointConnection, SpawnError
+from ._common import HANDOVER, Api, DockpointConnection, SpawnError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # pragma: no cover
@@ -31,7 +37,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from collections.abc import Callable, Mapping
     from typing import Any
 
-HANDOVER = "DOCKPOINT_HANDOVER"
 #: Not inherited by children (``O_CLOEXEC`` on POSIX, ``O_NOINHERIT`` on Windows).
 _PRIVATE = getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOINHERIT", 0)
 #: How much of the daemon's early error output a SpawnError keeps.
@@ -75,12 +80,9 @@ def connect_or_spawn(req: Request) -> DockpointConnection:
     api, app_name, instance, stem = req.api, req.app_name, req.instance, req.stem
     deadline = req.deadline
     while True:
-        if sys.platform != "win32":
-            got = api._backend.listen(stem, None)
-            if got is not None:
-                return _hand_over(req, got[0])
-        else:  # no hand-over on Windows yet: start the daemon, let it claim, wait for it
-            return _spawn_plain(req)
+        got = api._backend.listen(stem, None)
+        if got is not None:
+            return _hand_over(req, got[0])
         # Someone holds the claim: a daemon, or a frontend handing it over. Its endpoint
         # takes our connection into its queue as soon as it is in place.
         left = deadline - monotonic()
@@ -101,8 +103,42 @@ def _open_log(log: str | os.PathLike[str] | None) -> tuple[int, int]:
     """The daemon's stdout/stderr descriptor and the log's size before it starts."""
     if log is None:
         return os.open(os.devnull, os.O_WRONLY | _PRIVATE), -1
+    if sys.platform == "win32":  # O_APPEND is the C runtime's: the daemon's handle needs it
+        return _open_append(log)
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | _PRIVATE, 0o600)
     return fd, os.fstat(fd).st_size
+
+
+if sys.platform == "win32":
+
+    def _open_append(log: str | os.PathLike[str]) -> tuple[int, int]:
+        """A descriptor whose handle may only append (``FILE_APPEND_DATA``): every write of
+        every process that inherits it lands at the end of the file."""
+        import msvcrt
+
+        from ._win32 import (
+            FILE_APPEND_DATA,
+            FILE_SHARE_DELETE,
+            FILE_SHARE_READ,
+            FILE_SHARE_WRITE,
+            INVALID_HANDLE_VALUE,
+            OPEN_ALWAYS,
+            CloseHandle,
+            CreateFileW,
+            _error,
+        )
+
+        path = os.fspath(log)
+        share = FILE_SHARE_READ | FILE_SHARE_WRITE | FILE_SHARE_DELETE
+        handle = CreateFileW(path, FILE_APPEND_DATA, share, None, OPEN_ALWAYS, 0, None)
+        if handle == INVALID_HANDLE_VALUE or not handle:
+            raise _error(None, path)
+        try:
+            fd = msvcrt.open_osfhandle(handle, os.O_WRONLY | os.O_APPEND)
+        except BaseException:
+            CloseHandle(handle)
+            raise
+        return fd, os.stat(path).st_size
 
 
 def _popen(
@@ -116,15 +152,24 @@ def _popen(
 
     if sys.platform == "win32":
         flags = subprocess.DETACHED_PROCESS | subprocess.CREATE_NEW_PROCESS_GROUP
-        return subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=err,
-            close_fds=True,
-            creationflags=flags,
-            env=environ,
-        )
+        info = subprocess.STARTUPINFO()
+        info.lpAttributeList = {"handle_list": list(pass_fds)}  # these and stdio only
+        for handle in pass_fds:  # the list's handles must be inheritable while it starts
+            os.set_handle_inheritable(handle, True)
+        try:
+            return subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                close_fds=True,
+                creationflags=flags,
+                startupinfo=info,
+                env=environ,
+            )
+        finally:
+            for handle in pass_fds:
+                os.set_handle_inheritable(handle, False)
     return subprocess.Popen(
         argv,
         stdin=subprocess.DEVNULL,
@@ -154,11 +199,9 @@ class _Daemon:
         self.code: int | None = None
         self.pid = -1
         self._popen: subprocess.Popen[bytes] | None = None
-        if sys.platform == "win32":  # the hand-over is POSIX-only so far
-            raise NotImplementedError("hand-over is POSIX-only")
         out, err = stdio
         spawn = getattr(os, "posix_spawnp", None)
-        if spawn is None or not hasattr(os, "waitstatus_to_exitcode"):
+        if sys.platform == "win32" or spawn is None or not hasattr(os, "waitstatus_to_exitcode"):
             self.fds = keep
             environ[HANDOVER] = variable(keep)
             self._popen = _popen(argv, out, err, keep, environ)
@@ -275,7 +318,7 @@ def _hand_over(req: Request, listener: Any) -> DockpointConnection:
     ours: list[int] = []
     proc = None
     try:
-        sock_fd, lock_fd = listener.handles()
+        sock, lock = listener.handles()
         ready_r, ready_w = os.pipe()
         ours += (ready_r, ready_w)
         out, log_start = _open_log(log)
@@ -283,14 +326,19 @@ def _hand_over(req: Request, listener: Any) -> DockpointConnection:
         if log is None:  # capture early stderr in a pipe until the daemon adopts
             err_r, err = os.pipe()
             ours += (err_r, err)
-            capture = str(os.fstat(err).st_ino)
+            capture = "pipe" if sys.platform == "win32" else str(os.fstat(err).st_ino)
         else:
             err_r, err, capture = -1, out, "-"
+        ready = ready_w
+        if sys.platform == "win32":  # the daemon is handed handles, not descriptors
+            import msvcrt
+
+            ready = msvcrt.get_osfhandle(ready_w)
         environ = dict(os.environ if req.env is None else req.env)
         proc = _Daemon(
             req.argv,
             (out, err),
-            (sock_fd, lock_fd, ready_w),
+            (sock, lock, ready),
             environ,
             lambda fds: f"{stem}:{fds[0]}:{fds[1]}:{fds[2]}:{capture}",
         )
@@ -299,16 +347,17 @@ def _hand_over(req: Request, listener: Any) -> DockpointConnection:
             listener.close()  # nobody got it: unlink, unlock
         else:
             listener.forget()
+            listener.let_go()
         for fd in ours:
             os.close(fd)
         raise
-    listener.forget()  # the daemon's copies keep the claim
+    listener.forget()  # the daemon's copies keep the endpoint (POSIX: and the claim)
     for fd in (ready_w, err, out) if err != out else (ready_w, out):
         os.close(fd)
     try:
         if req.on_spawn is not None:
             req.on_spawn(proc.pid)
-        _wait_adopted(req, proc, (ready_r, err_r), log_start)
+        _wait_adopted(req, proc, (ready_r, err_r), log_start, listener.let_go)
         # Connected only now, so peer_pid names the daemon (the kernel records the
         # listener's pid at connect time); the daemon may still be on its way to accept(),
         # the connection waits in its queue meanwhile.
@@ -317,32 +366,95 @@ def _hand_over(req: Request, listener: Any) -> DockpointConnection:
             conn = req.connect(req.left())
             if conn is None:
                 raise TimeoutError(f"the daemon for {stem} adopted its endpoint but closed it")
+        if sys.platform == "win32" and conn.peer_pid == os.getpid():
+            # A pipe reports the process that made the instance: this one made the instance
+            # the daemon adopted and serves this connection on.
+            conn.peer_pid = proc.pid
         return conn
     finally:
+        listener.let_go()  # Windows: once the daemon holds the hand-over range, or died
         os.close(ready_r)
         if err_r >= 0:
             os.close(err_r)
         proc.release()
 
 
-def _wait_adopted(req: Request, proc: _Daemon, pipes: tuple[int, int], log_start: int) -> None:
-    """Return once the daemon has adopted the endpoint; raise if it ends first."""
-    if sys.platform == "win32":  # the hand-over is POSIX-only so far
-        raise NotImplementedError("hand-over is POSIX-only")
-    import select
+class _Pipes:
+    """Waits for output on the readiness and capture pipes: ``poll`` on POSIX; on
+    Windows, whose anonymous pipes cannot be waited on, ``PeekNamedPipe`` every 1 ms."""
 
+    def __init__(self, fds: list[int]) -> None:
+        self.fds = fds
+        if sys.platform != "win32":
+            import select
+
+            self._poller = select.poll()
+            for fd in fds:
+                self._poller.register(fd, select.POLLIN)
+
+    def drop(self, fd: int) -> None:
+        self.fds.remove(fd)
+        if sys.platform != "win32":
+            self._poller.unregister(fd)
+
+    def wait(self, left: float) -> list[tuple[int, bytes]]:
+        """Each pipe with output (``b""``: end of file) within ``left`` seconds."""
+        if sys.platform != "win32":
+            ms = None if left == float("inf") else max(0, int(left * 1000) + 1)
+            return [(fd, os.read(fd, 4096)) for fd, _ in self._poller.poll(ms)]
+        deadline = monotonic() + left
+        while True:
+            got = []
+            for fd in self.fds:
+                chunk = _peek_read(fd)
+                if chunk is not None:
+                    got.append((fd, chunk))
+            if got or monotonic() >= deadline:
+                return got
+            import time
+
+            time.sleep(0.001)
+
+
+if sys.platform == "win32":
+
+    def _peek_read(fd: int) -> bytes | None:
+        """What the pipe ``fd`` has (``b""`` at end of file), ``None`` if nothing yet."""
+        import ctypes
+        import msvcrt
+        from ctypes.wintypes import DWORD
+
+        from ._win32 import PeekNamedPipe
+
+        avail = DWORD()
+        handle = msvcrt.get_osfhandle(fd)
+        if not PeekNamedPipe(handle, None, 0, None, ctypes.byref(avail), None):
+            return b""  # ERROR_BROKEN_PIPE: the writers have all closed
+        return os.read(fd, min(avail.value, 65536)) if avail.value else None
+
+else:
+
+    def _peek_read(fd: int) -> bytes | None:  # pragma: no cover - Windows only
+        raise NotImplementedError
+
+
+def _wait_adopted(
+    req: Request,
+    proc: _Daemon,
+    pipes: tuple[int, int],
+    log_start: int,
+    let_go: Callable[[], None],
+) -> None:
+    """Return once the daemon has adopted the endpoint; raise if it ends first. On
+    ``h`` (Windows: the daemon holds the hand-over range) call ``let_go``."""
     ready_r, err_r = pipes
     stem, log, deadline = req.stem, req.log, req.deadline
 
     tail = bytearray()
-    poller = select.poll()
-    poller.register(ready_r, select.POLLIN)
-    if err_r >= 0:
-        poller.register(err_r, select.POLLIN)
+    waiter = _Pipes([ready_r] if err_r < 0 else [ready_r, err_r])
     adopted = None
     while adopted is None:
-        left = deadline - monotonic()
-        ready = poller.poll(None if left == float("inf") else max(0, int(left * 1000) + 1))
+        ready = waiter.wait(max(0.0, deadline - monotonic()))
         if not ready:
             if deadline - monotonic() > 0:
                 continue
@@ -351,15 +463,18 @@ def _wait_adopted(req: Request, proc: _Daemon, pipes: tuple[int, int], log_start
                 f"the daemon started for {stem} (pid {proc.pid}) did not adopt its endpoint "
                 f"in time; it was stopped{_said(_tail(tail, err_r, log, log_start))}"
             )
-        for fd, _ in ready:
-            chunk = os.read(fd, 4096)
+        for fd, data in ready:
             if fd == ready_r:
-                adopted = chunk[:1] == b"+"
-            elif chunk:
-                tail += chunk
+                if data[:1] == b"h":  # Windows: it can take the claim now
+                    let_go()
+                    if len(data) == 1:
+                        continue
+                adopted = data[-1:] == b"+"
+            elif data:
+                tail += data
                 del tail[:-TAIL_BYTES]
             else:
-                poller.unregister(fd)
+                waiter.drop(fd)
     if adopted:
         return
     # End of file without "+": it died, or closed the descriptors without adopting.
@@ -388,11 +503,12 @@ def _said(text: str) -> str:
 
 def _tail(tail: bytearray, err_r: int, log: str | os.PathLike[str] | None, log_start: int) -> str:
     """The end of the daemon's early error output, from the capture pipe or the log."""
-    if err_r >= 0 and sys.platform != "win32":
-        os.set_blocking(err_r, False)
+    if err_r >= 0:
+        if sys.platform != "win32":
+            os.set_blocking(err_r, False)
         while True:
             try:
-                chunk = os.read(err_r, 65536)
+                chunk = os.read(err_r, 65536) if sys.platform != "win32" else _peek_read(err_r)
             except BlockingIOError:  # a grandchild still holds the pipe open
                 break
             if not chunk:
@@ -411,44 +527,3 @@ def _tail(tail: bytearray, err_r: int, log: str | os.PathLike[str] | None, log_s
     else:
         data = b""
     return data.decode(errors="replace").strip()
-
-
-def _spawn_plain(req: Request) -> DockpointConnection:
-    """Start the daemon without a hand-over (Windows) and connect once it has claimed."""
-    stem, log, argv = req.stem, req.log, req.argv
-    out, log_start = _open_log(log)
-    try:
-        proc = _popen(argv, out, out, (), dict(os.environ if req.env is None else req.env))
-    finally:
-        os.close(out)
-    try:
-        if req.on_spawn is not None:
-            req.on_spawn(proc.pid)
-        pause = 0.005
-        while True:
-            conn = req.connect(min(req.left(), pause))
-            if conn is not None:
-                return conn
-            code = proc.poll()
-            if code is not None:
-                conn = req.connect()  # a daemon that lost a race exits 0
-                if conn is not None:
-                    return conn
-                if code != 0:
-                    text = _tail(bytearray(), -1, log, log_start)
-                    raise SpawnError(
-                        f"the daemon started for {stem} ({os.fsdecode(argv[0])}, pid "
-                        f"{proc.pid}) exited with status {code}{_said(text)}",
-                        proc.pid,
-                        code,
-                        text,
-                    )
-            if monotonic() >= req.deadline:
-                raise TimeoutError(f"no daemon for {stem} accepted a connection in time")
-            pause = min(pause * 2, 0.1)
-    finally:
-        import warnings
-
-        with warnings.catch_warnings():  # it is meant to outlive us: no "still running"
-            warnings.simplefilter("ignore", ResourceWarning)
-            proc = None  # type: ignore[assignment]

@@ -41,6 +41,7 @@ ERROR_IO_PENDING = 997
 GENERIC_READ = 0x80000000
 GENERIC_WRITE = 0x40000000
 READ_CONTROL = 0x00020000
+FILE_APPEND_DATA = 0x00000004
 FILE_SHARE_READ = 0x00000001
 FILE_SHARE_WRITE = 0x00000002
 FILE_SHARE_DELETE = 0x00000004
@@ -71,6 +72,10 @@ SE_KERNEL_OBJECT = 6
 OWNER_SECURITY_INFORMATION = 0x00000001
 DACL_SECURITY_INFORMATION = 0x00000004
 LABEL_SECURITY_INFORMATION = 0x00000010
+FILE_TYPE_DISK = 0x0001
+FILE_TYPE_PIPE = 0x0003
+PIPE_SERVER_END = 0x00000001
+FileNameInfo = 2  # FILE_INFO_BY_HANDLE_CLASS
 WAIT_OBJECT_0 = 0x00000000
 WAIT_TIMEOUT = 0x00000102
 
@@ -152,6 +157,15 @@ if sys.platform == "win32":
         _k, "GetNamedPipeClientProcessId", BOOL, HANDLE, POINTER(ULONG))
     GetNamedPipeServerProcessId: _Bool = _declare(
         _k, "GetNamedPipeServerProcessId", BOOL, HANDLE, POINTER(ULONG))
+    GetFileType: _Bool = _declare(_k, "GetFileType", DWORD, HANDLE)
+    GetNamedPipeInfo: _Bool = _declare(
+        _k, "GetNamedPipeInfo", BOOL, HANDLE, LPDWORD, LPDWORD, LPDWORD, LPDWORD)
+    GetFileInformationByHandleEx: _Bool = _declare(  # the class is a C enum
+        _k, "GetFileInformationByHandleEx", BOOL, HANDLE, ctypes.c_int, LPVOID, DWORD)
+    GetFinalPathNameByHandleW: _Bool = _declare(
+        _k, "GetFinalPathNameByHandleW", DWORD, HANDLE, LPVOID, DWORD, DWORD)
+    PeekNamedPipe: _Bool = _declare(
+        _k, "PeekNamedPipe", BOOL, HANDLE, LPVOID, DWORD, LPDWORD, LPDWORD, LPDWORD)
     GetCurrentProcess: _Bool = _declare(_k, "GetCurrentProcess", HANDLE)  # -1, never NULL
     OpenProcess: _Handle = _declare(_k, "OpenProcess", HANDLE, DWORD, BOOL, DWORD)
     LocalFree: _Handle = _declare(_k, "LocalFree", HLOCAL, HLOCAL)

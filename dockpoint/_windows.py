@@ -67,7 +67,7 @@ import sys
 from _thread import allocate_lock
 from time import monotonic, sleep
 
-from ._common import BUSY_GRACE, Api, DockpointClosedError, no_fileno, pipe_name
+from ._common import BUSY_GRACE, HANDOVER, Api, DockpointClosedError, no_fileno, pipe_name
 from ._win32 import (
     DACL_SECURITY_INFORMATION,
     ERROR_ACCESS_DENIED,
@@ -91,6 +91,8 @@ from ._win32 import (
     FILE_SHARE_DELETE,
     FILE_SHARE_READ,
     FILE_SHARE_WRITE,
+    FILE_TYPE_DISK,
+    FILE_TYPE_PIPE,
     GENERIC_READ,
     GENERIC_WRITE,
     INVALID_FILE_ATTRIBUTES,
@@ -103,6 +105,7 @@ from ._win32 import (
     PIPE_ACCESS_DUPLEX,
     PIPE_READMODE_BYTE,
     PIPE_REJECT_REMOTE_CLIENTS,
+    PIPE_SERVER_END,
     PIPE_TYPE_BYTE,
     PIPE_UNLIMITED_INSTANCES,
     PIPE_WAIT,
@@ -115,6 +118,7 @@ from ._win32 import (
     TOKEN_QUERY,
     WAIT_OBJECT_0,
     WAIT_TIMEOUT,
+    FileNameInfo,
     TokenUser,
 )
 
@@ -147,7 +151,12 @@ _SLICE_MS = 100  # longest uninterrupted wait, so Ctrl+C is noticed promptly
 #: so that locking them never blocks reading the pid and info.
 _CLAIM_RANGE = (0, 0x40000000)
 _ALIVE_RANGE = (1, 0x40000000)
+#: Held by a daemon taking the claim over from the frontend that spawned it, from before
+#: the frontend lets go of the claim range until the daemon holds both others.
+_HANDOVER_RANGE = (2, 0x40000000)
 _ALIVE_WAIT = 5.0  # a client's shared test lock on the alive range lasts microseconds
+#: How long an adopting daemon waits for its frontend to let go of the claim range.
+_HANDOVER_WAIT = 5.0
 #: Errors that mean the peer has closed its end: ``read`` returns ``b""``.
 _END_OF_STREAM = frozenset({ERROR_BROKEN_PIPE, ERROR_PIPE_NOT_CONNECTED, ERROR_NO_DATA})
 #: ``CreateNamedPipeW`` errors that mean "the name exists and this instance may not be made".
@@ -206,6 +215,31 @@ def _lock_path(local_app_data: str | None, stem: str) -> tuple[str, str]:
         )
     directory = base + "\\dockpoint"
     return directory, f"{directory}\\{stem}.lock"
+
+
+def _same_file(final: str, expected: str) -> bool:
+    """Whether ``GetFinalPathNameByHandleW``'s ``final`` names the path ``expected``
+    (Windows paths compare case-insensitively; the final name has a long-path prefix)."""
+    for prefix, replacement in (("\\\\?\\UNC\\", "\\\\"), ("\\\\?\\", "")):
+        if final.startswith(prefix):
+            final = replacement + final[len(prefix) :]
+            break
+    return final.rstrip("\\").casefold() == expected.rstrip("\\").casefold()
+
+
+def _pipe_file_name(name: str) -> str:
+    """The name a pipe handle reports (``FileNameInfo``) for the pipe path ``name``."""
+    prefix = "\\\\.\\pipe"
+    return name[len(prefix) :] if name.lower().startswith(prefix) else name
+
+
+def _handover_fields(text: str, stem: str) -> tuple[int, int, int, str] | None:
+    """The pipe, lock and readiness handles and the stderr token of a hand-over variable
+    ``<stem>:<pipe>:<lock>:<ready>:<stderr>`` for ``stem``; ``None`` if it is malformed."""
+    fields = text.split(":")
+    if len(fields) != 5 or fields[0] != stem or not all(f.isdigit() for f in fields[1:4]):
+        return None
+    return int(fields[1]), int(fields[2]), int(fields[3]), fields[4]
 
 
 def _lock_text(pid: int, info: str | None) -> bytes:
@@ -373,7 +407,11 @@ if sys.platform == "win32":
         CreateNamedPipeW,
         GetCurrentProcess,
         GetFileAttributesW,
+        GetFileInformationByHandleEx,
+        GetFileType,
+        GetFinalPathNameByHandleW,
         GetNamedPipeClientProcessId,
+        GetNamedPipeInfo,
         GetNamedPipeServerProcessId,
         GetNamedSecurityInfoW,
         GetOverlappedResult,
@@ -644,19 +682,36 @@ if sys.platform == "win32":
                 return None
             if code:
                 raise _error(code, path)
-            deadline = monotonic() + _ALIVE_WAIT
-            while True:  # only clients' momentary shared test locks can be in the way
-                code = _try_lock(handle, _ALIVE_RANGE, LOCKFILE_EXCLUSIVE_LOCK)
-                if not code:
-                    return handle
-                if code != ERROR_LOCK_VIOLATION or monotonic() > deadline:
-                    raise _error(code, path)
-                sleep(0.001)
+            # A daemon taking over from its frontend holds the hand-over range while it
+            # waits for the claim range: the claim is its, give it back. (A shared test:
+            # clients' shared tests of the range must not make a claimer lose.)
+            code = _try_lock(handle, _HANDOVER_RANGE, 0)
+            if code == ERROR_LOCK_VIOLATION:
+                CloseHandle(handle)
+                return None
+            if code:
+                raise _error(code, path)
+            _unlock(handle, _HANDOVER_RANGE)
+            _lock_alive(handle, path)
+            return handle
         except BaseException:
             CloseHandle(handle)  # releases whatever it had locked
             raise
 
+    def _lock_alive(handle: int, path: str) -> None:
+        """Take the alive range, which only clients' momentary shared test locks hold."""
+        deadline = monotonic() + _ALIVE_WAIT
+        while True:
+            code = _try_lock(handle, _ALIVE_RANGE, LOCKFILE_EXCLUSIVE_LOCK)
+            if not code:
+                return
+            if code != ERROR_LOCK_VIOLATION or monotonic() > deadline:
+                raise _error(code, path)
+            sleep(0.001)
+
     def _write_lock(handle: int, text: bytes, path: str) -> None:
+        # From the start: an adopted handle shares its file position with the frontend's.
+        _check(SetFilePointerEx(handle, 0, None, 0), path)  # FILE_BEGIN
         count = DWORD()
         _check(WriteFile(handle, text, len(text), byref(count), None), path)
         if count.value != len(text):
@@ -688,11 +743,16 @@ if sys.platform == "win32":
             code = ctypes.get_last_error()
             return False if code in (ERROR_FILE_NOT_FOUND, ERROR_PATH_NOT_FOUND) else None
         try:
-            code = _try_lock(handle, _ALIVE_RANGE, 0)  # shared: claimers never race for it
-            if not code:
-                _unlock(handle, _ALIVE_RANGE)
-                return False
-            return True if code == ERROR_LOCK_VIOLATION else None
+            # Shared tests: claimers never race for these ranges. The hand-over range
+            # covers the moment a spawned daemon takes the claim over from its frontend.
+            for lock_range in (_ALIVE_RANGE, _HANDOVER_RANGE):
+                code = _try_lock(handle, lock_range, 0)
+                if code == ERROR_LOCK_VIOLATION:
+                    return True
+                if code:
+                    return None
+                _unlock(handle, lock_range)
+            return False
         finally:
             CloseHandle(handle)
 
@@ -760,7 +820,9 @@ if sys.platform == "win32":
         if channel is not None:
             server = channel.peer_pid
             channel.close()  # not a byte sent: the daemon reads end of stream
-            if server is not None:
+            # The lock names the holder; the pipe names the process that made the instance,
+            # which for the one handed over by connect_or_spawn is the frontend.
+            if server is not None and (pid is None or not held):
                 pid, who = server, f"pid {server}"
             return (
                 "listening", name, pid, info,
@@ -1124,27 +1186,169 @@ if sys.platform == "win32":
                 CloseHandle(pipe)
             CloseHandle(self._wake)
             LocalFree(self._descriptor)
-            _empty_lock(self._lock)  # a clean release leaves no pid: probe says "absent"
-            _release_lock(self._lock)  # the pipe is gone first: then the claim
+            self.let_go()  # the pipe is gone first: then the claim (no pid: "absent")
 
-        forget = close  # only reached after os.fork(), which Windows does not have
+        def forget(self) -> None:
+            """After the hand-over's spawn: drop this process's copies of the pipe instance
+            (the daemon has its own) but keep the lock handle, whose locks the daemon cannot
+            inherit, until :meth:`let_go`."""
+            pipe, self._free = self._free, None
+            if pipe is not None:
+                CloseHandle(pipe)
+            CloseHandle(self._wake)
+            LocalFree(self._descriptor)
+
+        def let_go(self) -> None:
+            """Release the claim once the daemon holds the hand-over range (or has died)."""
+            lock, self._lock = self._lock, 0
+            if lock:
+                _empty_lock(lock)
+                _release_lock(lock)
+
         fileno = no_fileno  # a named pipe cannot be selected
 
         def handles(self) -> tuple[int, int]:
-            # Not on Windows (connect_or_spawn starts the daemon and lets it claim): a
-            # LockFileEx lock belongs to the file object *and the process* that took it, so
-            # a child cannot inherit it through the handle, and the frontend's close of its
-            # handle releases its locks whatever other handles remain. A hand-over needs
-            # the daemon to take the claim byte itself, with no gap a racing claimer could
-            # use while the frontend lets go; that protocol is not written yet.
-            raise NotImplementedError("hand-over of a claimed pipe is not implemented on Windows")
+            # A LockFileEx lock belongs to the file object *and the process* that took it:
+            # the daemon inherits the handle but not the locks, and takes them itself
+            # (see _adopt); the pipe instance it inherits keeps listening meanwhile.
+            if self._free is None or not self._lock:
+                raise OSError(errno.EBADF, "the claimed endpoint has no free pipe instance")
+            return self._free, self._lock
 
     # ----------------------------------------------------------------------- backend
 
+    # ----------------------------------------------------------------------- hand-over
+
+    def _handle_name(handle: int) -> str | None:
+        """The name an open pipe reports, relative to the pipe file system."""
+        buffer = ctypes.create_string_buffer(4 + 2 * 1024)  # FILE_NAME_INFO
+        if not GetFileInformationByHandleEx(handle, FileNameInfo, buffer, len(buffer)):
+            return None
+        length = int.from_bytes(buffer.raw[:4], "little")
+        return buffer.raw[4 : 4 + length].decode("utf-16-le", "replace")
+
+    def _final_path(handle: int) -> str | None:
+        buffer = ctypes.create_unicode_buffer(1024)
+        count = GetFinalPathNameByHandleW(handle, buffer, len(buffer), 0)
+        return buffer.value if 0 < count < len(buffer) else None
+
+    def _our_pipe(handle: int, name: str, user: str) -> bool:
+        """Whether ``handle`` is a server end of the pipe ``name``, owned by ``user``."""
+        if GetFileType(handle) != FILE_TYPE_PIPE:
+            return False
+        flags = DWORD()
+        if not GetNamedPipeInfo(handle, byref(flags), None, None, None):
+            return False
+        reported = _handle_name(handle)
+        return (
+            bool(flags.value & PIPE_SERVER_END)
+            and reported is not None
+            and reported.casefold() == _pipe_file_name(name).casefold()
+            and _pipe_owner(handle) == user
+        )
+
+    def _our_lock(handle: int, path: str) -> bool:
+        """Whether ``handle`` is the lock file ``path`` and someone (the frontend that
+        spawned us) holds its claim range."""
+        if GetFileType(handle) != FILE_TYPE_DISK:
+            return False
+        final = _final_path(handle)
+        if final is None or not _same_file(final, path):
+            return False
+        code = _try_lock(handle, _CLAIM_RANGE, LOCKFILE_EXCLUSIVE_LOCK)
+        if not code:
+            _unlock(handle, _CLAIM_RANGE)  # nobody holds it: not a hand-over in progress
+        return code == ERROR_LOCK_VIOLATION
+
+    def _wait_lock(handle: int, lock_range: tuple[int, int], deadline: float) -> bool:
+        """Take ``lock_range`` exclusively once its holder lets go; ``False`` at the deadline."""
+        while True:
+            code = _try_lock(handle, lock_range, LOCKFILE_EXCLUSIVE_LOCK)
+            if not code:
+                return True
+            if code != ERROR_LOCK_VIOLATION:
+                raise _error(code)
+            if monotonic() > deadline:
+                return False
+            sleep(0.0005)  # the holder lets go within a moment: it is waiting for us
+
+    def _tell(handle: int, what: bytes) -> bool:
+        """Write ``what`` to the frontend's readiness pipe; ``False`` if it is gone."""
+        count = DWORD()
+        return bool(WriteFile(handle, what, len(what), byref(count), None))
+
+    def _adopt(stem: str, info: str | None = None) -> tuple[_Listener, str] | None:
+        """Adopt the pipe instance and lock file handed over in the environment.
+
+        The frontend holds the claim and alive ranges; this process takes the hand-over
+        range, tells the frontend (``h`` on the readiness pipe), which then lets go, takes
+        the claim and alive ranges through its inherited handle of the same lock file,
+        lets go of the hand-over range and writes ``+``. A claimer that wins the claim range
+        meanwhile sees the hand-over range held and gives the claim back.
+        """
+        text = os.environ.get(HANDOVER)
+        if not text or text.partition(":")[0] != stem:
+            return None
+        del os.environ[HANDOVER]
+        fields = _handover_fields(text, stem)
+        if fields is None:
+            return None
+        pipe, lock, ready, stderr = fields
+        user = _user_sid()
+        name = _pipe_path(user, stem)
+        _, path = _lock_path(os.environ.get("LOCALAPPDATA"), stem)
+        if not _our_pipe(pipe, name, user) or not _our_lock(lock, path):
+            return None  # not this endpoint, or no claim being handed over: claim anew
+        deadline = monotonic() + _HANDOVER_WAIT
+        if not _wait_lock(lock, _HANDOVER_RANGE, deadline):
+            return None
+        told = GetFileType(ready) == FILE_TYPE_PIPE and _tell(ready, b"h")
+        attributes = descriptor = None
+        claimed = False
+        try:
+            # Once told, the frontend lets go; if it died, the claim range is free already.
+            if not _wait_lock(lock, _CLAIM_RANGE, deadline):
+                _unlock(lock, _HANDOVER_RANGE)
+                return None  # another holder: the next claim attempt answers None
+            claimed = True
+            _lock_alive(lock, path)
+            _unlock(lock, _HANDOVER_RANGE)
+            _write_lock(lock, _lock_text(os.getpid(), info), path)
+            attributes, descriptor = _security(user)
+            os.set_handle_inheritable(pipe, False)  # our own children inherit nothing
+            os.set_handle_inheritable(lock, False)
+        except BaseException:
+            if descriptor is not None:
+                LocalFree(descriptor)
+            _unlock(lock, _HANDOVER_RANGE)
+            if claimed:  # unlocking a range not held is a harmless failure
+                _unlock(lock, _ALIVE_RANGE)
+                _unlock(lock, _CLAIM_RANGE)
+            raise
+        listener = _Listener(name, attributes, descriptor, pipe, lock)
+        if told:
+            _ready(ready, stderr)
+        return listener, name
+
+    def _ready(ready: int, stderr: str) -> None:
+        """Tell the frontend the endpoint is adopted; stop its early-stderr capture."""
+        if stderr == "pipe":  # standard error is the frontend's capture pipe, closed soon
+            if sys.stderr is not None:
+                try:
+                    sys.stderr.flush()
+                except (OSError, ValueError):
+                    pass
+            try:
+                null = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(null, 2)  # the C runtime points STD_ERROR_HANDLE at it too
+                os.close(null)
+            except OSError:
+                pass
+        _tell(ready, b"+")
+        CloseHandle(ready)
+
     class _Backend:
-        @staticmethod
-        def adopt(stem: str, info: str | None = None) -> tuple[_Listener, str] | None:
-            return None  # no hand-over on Windows yet: claim() always claims anew
+        adopt = staticmethod(_adopt)
 
         @staticmethod
         def locate(stem: str) -> str:

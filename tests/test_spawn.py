@@ -1,9 +1,9 @@
 """``connect_or_spawn``: the frontend claims, hands the endpoint to the daemon it starts and
 connects; the daemon's ``claim`` adopts it after verifying it.
 
-Real processes only. Daemons are small scripts written per test; each records what it saw
-(its pid, the hand-over variable, its descriptors) in its replies. Every wait is bounded;
-every daemon a test started is killed at its end.
+Real processes only, on every backend. The daemons are ``spawn_children.py daemon``; each
+records what it saw (its pid, the hand-over variable, its descriptors) in its replies.
+Every wait is bounded; every daemon a test started is killed at its end.
 """
 
 from __future__ import annotations
@@ -12,74 +12,22 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 from time import monotonic
 from typing import TYPE_CHECKING
 
 import pytest
-from conftest import LINUX, child_env, lock_file
+from conftest import LINUX, WINDOWS, child_env, lock_file
 
 import dockpoint
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-pytestmark = pytest.mark.skipif(
-    sys.platform == "win32", reason="the hand-over of a claimed endpoint is POSIX-only so far"
-)
-
 HANDOVER = "DOCKPOINT_HANDOVER"
 TIMEOUT = 30.0
 KILL = getattr(signal, "SIGKILL", 9)
-
-#: A daemon: claims APP, records its pid in PIDFILE, and answers each request line with a
-#: JSON report of what it sees, until it has served COUNT clients or is idle for 30 s.
-DAEMON = """\
-import json, os, sys
-import dockpoint
-
-app, pidfile, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
-before = os.environ.get("DOCKPOINT_HANDOVER")
-dp = dockpoint.claim(app)
-if dp is None:
-    sys.exit(0)
-with open(pidfile, "a") as f:
-    f.write("%d\\n" % os.getpid())
-with dp:
-    for _ in range(count):
-        try:
-            conn = dp.accept(timeout=30)
-        except TimeoutError:
-            break
-        with conn:
-            data = b""
-            while not data.endswith(b"\\n"):
-                chunk = conn.read(timeout=10)
-                if not chunk:
-                    break
-                data += chunk
-            if data == b"stderr\\n":
-                sys.stderr.write("x" * 200000 + "\\n")  # far more than a pipe holds
-                sys.stderr.flush()
-            proc_fd = "/proc/self/fd"
-            fds = sorted(map(int, os.listdir(proc_fd))) if os.path.isdir(proc_fd) else []
-            report = {
-                "pid": os.getpid(),
-                "before": before,
-                "after": os.environ.get("DOCKPOINT_HANDOVER"),
-                "sid": os.getsid(0),
-                "inheritable": [fd for fd in fds if fd > 2 and _ok(fd) and os.get_inheritable(fd)],
-                "stdin": os.path.realpath("/proc/self/fd/0") if fds else None,
-                "stderr": os.path.realpath("/proc/self/fd/2") if fds else None,
-                "address": dp.address,
-            }
-            conn.write(json.dumps(report).encode() + b"\\n")
-""".replace(
-    "import dockpoint\n",
-    "import dockpoint\n\ndef _ok(fd):\n    try:\n        os.fstat(fd)\n        return True\n"
-    "    except OSError:\n        return False\n",
-)
+CHILDREN = str(Path(__file__).with_name("spawn_children.py"))
 
 
 class Spawned:
@@ -106,11 +54,8 @@ def spawned() -> Iterator[Spawned]:
     tracker.kill_all()
 
 
-@pytest.fixture
-def daemon_py(tmp_path: Path) -> Path:
-    path = tmp_path / "daemon.py"
-    path.write_text(DAEMON, encoding="utf-8")
-    return path
+def daemon_argv(app: str, pidfile: Path, count: int) -> list[str]:
+    return [sys.executable, CHILDREN, "daemon", app, str(pidfile), str(count)]
 
 
 @pytest.fixture(autouse=True)
@@ -136,6 +81,17 @@ def ask(conn: dockpoint.DockpointConnection, line: bytes = b"hello\n") -> dict[s
 
 def gone(pid: int) -> bool:
     """Whether ``pid`` has ended (a zombie has: it holds nothing)."""
+    if WINDOWS:  # os.kill(pid, 0) would terminate it
+        import _winapi
+
+        try:
+            handle = _winapi.OpenProcess(0x00100000, False, pid)  # SYNCHRONIZE
+        except OSError:
+            return True
+        try:
+            return _winapi.WaitForSingleObject(handle, 0) == 0  # WAIT_OBJECT_0
+        finally:
+            _winapi.CloseHandle(handle)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -150,11 +106,11 @@ def gone(pid: int) -> bool:
 # --------------------------------------------------------------------------- hand-over
 
 
-def test_hand_over(app: str, daemon_py: Path, tmp_path: Path, spawned: Spawned) -> None:
+def test_hand_over(app: str, tmp_path: Path, spawned: Spawned) -> None:
     """Nobody there: one daemon starts, adopts the endpoint (no second claim), is detached
     with nothing inherited, has no hand-over variable left, and is the connection's peer."""
     pidfile = tmp_path / "pids"
-    argv = [sys.executable, str(daemon_py), app, str(pidfile), "3"]
+    argv = daemon_argv(app, pidfile, 3)
     conn = dockpoint.connect_or_spawn(app, argv, timeout=TIMEOUT, on_spawn=spawned)
     assert len(spawned.pids) == 1
     (pid,) = spawned.pids
@@ -165,7 +121,8 @@ def test_hand_over(app: str, daemon_py: Path, tmp_path: Path, spawned: Spawned) 
     assert isinstance(before, str) and before.startswith(f"{app}@default:"), before
     assert report["after"] is None, "claim() left the hand-over variable for its children"
     assert report["address"] == dockpoint.address(app)
-    assert report["sid"] == pid, "the daemon is not in its own session"
+    if not WINDOWS:
+        assert report["sid"] == pid, "the daemon is not in its own session"
     if LINUX:
         assert report["inheritable"] == [], "the daemon's children would inherit these fds"
         assert report["stdin"] == os.devnull
@@ -181,57 +138,28 @@ def test_hand_over(app: str, daemon_py: Path, tmp_path: Path, spawned: Spawned) 
     assert dockpoint.claim(app) is None  # the daemon holds the claim
 
 
-def test_stderr_after_adoption_is_safe(
-    app: str, daemon_py: Path, tmp_path: Path, spawned: Spawned
-) -> None:
+def test_stderr_after_adoption_is_safe(app: str, tmp_path: Path, spawned: Spawned) -> None:
     """After adoption the daemon's stderr no longer leads to the frontend: writing far more
     than a pipe holds, after the frontend closed its end, neither blocks nor breaks it."""
-    argv = [sys.executable, str(daemon_py), app, str(tmp_path / "pids"), "2"]
+    argv = daemon_argv(app, tmp_path / "pids", 2)
     first = dockpoint.connect_or_spawn(app, argv, timeout=TIMEOUT, on_spawn=spawned)
     ask(first)
     report = ask(dockpoint.connect_or_spawn(app, argv, timeout=TIMEOUT), b"stderr\n")
     assert report["pid"] == spawned.pids[0]
 
 
-def test_storm_starts_one_daemon(app: str, daemon_py: Path, tmp_path: Path) -> None:
+def test_storm_starts_one_daemon(app: str, tmp_path: Path) -> None:
     """N frontends released at once against no daemon: all answered by one daemon, and
     exactly one spawn event among them."""
     number = 20
     pidfile = tmp_path / "pids"
-    frontend = textwrap.dedent(
-        """\
-        import json, sys
-        import dockpoint
-        sys.stdin.buffer.read()  # the gate: end of file releases every frontend at once
-        argv = [sys.executable, sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]]
-        events = []
-        conn = dockpoint.connect_or_spawn(sys.argv[2], argv, timeout=60, on_spawn=events.append)
-        with conn:
-            conn.write(b"hi\\n")
-            data = b""
-            while not data.endswith(b"\\n"):
-                chunk = conn.read(timeout=60)
-                if not chunk:
-                    break
-                data += chunk
-        print(json.dumps({"spawned": events, "reply": json.loads(data)["pid"]}))
-        """
-    )
     gate_r, gate_w = os.pipe()
     procs = []
     try:
         for _ in range(number):
             procs.append(
                 subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-c",
-                        frontend,
-                        str(daemon_py),
-                        app,
-                        str(pidfile),
-                        str(number),
-                    ],
+                    [sys.executable, CHILDREN, "frontend", app, str(pidfile), str(number)],
                     stdin=gate_r,
                     stdout=subprocess.PIPE,
                     stderr=subprocess.PIPE,
@@ -241,7 +169,7 @@ def test_storm_starts_one_daemon(app: str, daemon_py: Path, tmp_path: Path) -> N
         gate_r = -1
         os.close(gate_w)
         gate_w = -1
-        results = [p.communicate(timeout=120) for p in procs]
+        results = [p.communicate(timeout=180) for p in procs]
     finally:
         for fd in (gate_r, gate_w):
             if fd >= 0:
@@ -286,7 +214,12 @@ def test_storm_starts_one_daemon(app: str, daemon_py: Path, tmp_path: Path) -> N
             3,
             "bad config: port 0",
         ),
-        ("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n", -KILL, ""),
+        pytest.param(
+            "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n",
+            -KILL,
+            "",
+            marks=pytest.mark.skipif(WINDOWS, reason="Windows has no signals to die of"),
+        ),
     ],
     ids=["import-error", "exit-3", "sigkill"],
 )
@@ -364,42 +297,37 @@ def test_bad_argv(app: str, argv: object) -> None:
 
 # --------------------------------------------------------------------------- adoption
 
-#: Run in a child: claim APP with whatever hand-over the environment names, and report.
-CLAIMER = """\
-import json, os, sys
-import dockpoint
 
-dp = dockpoint.claim(sys.argv[1])
-out = {"after": os.environ.get("DOCKPOINT_HANDOVER")}
-if dp is not None:
-    out["address"] = dp.address
-    lock = os.environ["XDG_RUNTIME_DIR"] + "/dockpoint/" + sys.argv[1] + "@default.lock"
-    out["lock"] = open(lock).read().split()[0]
-    dp.close()
-out["claimed"] = dp is not None
-open_fds = []
-for fd in map(int, sys.argv[2:]):
-    try:
-        os.fstat(fd)
-        open_fds.append(fd)
-    except OSError:
-        pass
-out["still_open"] = open_fds
-print(json.dumps(out))
-"""
-
-
-def claimer(app: str, handover: str, pass_fds: tuple[int, ...]) -> dict[str, object]:
+def claimer(app: str, handover: str, handles: tuple[int, ...]) -> dict[str, object]:
+    """Run the ``claimer`` child with ``handover`` in its environment and ``handles``
+    (descriptors on POSIX, handles on Windows) inherited; its report."""
     import json
 
-    run = subprocess.run(
-        [sys.executable, "-c", CLAIMER, app, *map(str, pass_fds)],
-        env=child_env(**{HANDOVER: handover}),
-        pass_fds=pass_fds,
-        capture_output=True,
-        timeout=TIMEOUT,
-        check=False,
-    )
+    argv = [sys.executable, CHILDREN, "claimer", app, *map(str, handles)]
+    env = child_env(**{HANDOVER: handover})
+    if WINDOWS:
+        info = subprocess.STARTUPINFO()
+        info.lpAttributeList = {"handle_list": list(handles)}
+        for handle in handles:
+            os.set_handle_inheritable(handle, True)
+        try:
+            proc = subprocess.Popen(
+                argv, env=env, startupinfo=info, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            )
+        finally:  # at once: a frontend thread may close the lock handle meanwhile
+            for handle in handles:
+                os.set_handle_inheritable(handle, False)
+        try:
+            out, err = proc.communicate(timeout=TIMEOUT)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate(timeout=TIMEOUT)
+        run = subprocess.CompletedProcess(argv, proc.returncode, out, err)
+    else:
+        run = subprocess.run(
+            argv, env=env, pass_fds=handles, capture_output=True, timeout=TIMEOUT, check=False
+        )
     assert run.returncode == 0, run.stderr.decode()
     result = json.loads(run.stdout)
     assert isinstance(result, dict)
@@ -414,18 +342,23 @@ def raw_claim(app: str) -> tuple[object, int, int]:
     got = dockpoint._api._backend.listen(endpoint_stem(app, "default"))
     assert got is not None
     listener = got[0]
-    sock_fd, lock_fd = listener.handles()  # type: ignore[attr-defined]
-    return listener, sock_fd, lock_fd
+    sock, lock = listener.handles()  # type: ignore[attr-defined]
+    return listener, sock, lock
 
 
 def test_adopts_a_real_hand_over(app: str) -> None:
     """The control case for the forgeries below: a genuine hand-over is adopted (the child
     holds the claim without claiming anew: the endpoint's lock is the inherited one)."""
-    listener, sock_fd, lock_fd = raw_claim(app)
+    listener, sock, lock = raw_claim(app)
     try:
-        got = claimer(app, f"{app}@default:{sock_fd}:{lock_fd}:99:-", (sock_fd, lock_fd))
+        if WINDOWS:  # the child takes the locks itself: answer its "h" as a frontend does
+            got, seen = _windows_hand_over(app, listener, sock, lock)
+            assert seen == [b"h", b"+"]
+        else:
+            got = claimer(app, f"{app}@default:{sock}:{lock}:99:-", (sock, lock))
     finally:
         listener.forget()  # type: ignore[attr-defined]
+        listener.let_go()  # type: ignore[attr-defined]
     assert got["claimed"] is True
     assert got["after"] is None
     assert got["address"] == dockpoint.address(app)
@@ -434,42 +367,80 @@ def test_adopts_a_real_hand_over(app: str) -> None:
     dp.close()
 
 
-@pytest.mark.parametrize(
-    "forgery",
-    ["closed-fds", "not-a-socket", "another-app", "foreign-socket", "unlocked", "garbled"],
-)
-def test_forged_hand_over_is_not_adopted(app: str, forgery: str) -> None:
+def _windows_hand_over(
+    app: str, listener: object, sock: int, lock: int
+) -> tuple[dict[str, object], list[bytes]]:
+    import msvcrt
+    import threading
+
+    r, w = os.pipe()
+    seen: list[bytes] = []
+
+    def frontend() -> None:
+        seen.append(os.read(r, 1))
+        listener.let_go()  # type: ignore[attr-defined]
+        seen.append(os.read(r, 1))
+
+    thread = threading.Thread(target=frontend)
+    thread.start()
+    try:
+        ready = msvcrt.get_osfhandle(w)
+        got = claimer(app, f"{app}@default:{sock}:{lock}:{ready}:-", (sock, lock, ready))
+    finally:
+        os.close(w)  # the reader sees end of file if the child wrote nothing
+        thread.join(TIMEOUT)
+        os.close(r)
+    assert not thread.is_alive()
+    return got, seen
+
+
+FORGERIES = ["closed-fds", "not-a-socket", "another-app", "foreign-socket", "unlocked", "garbled"]
+
+
+@pytest.mark.parametrize("forgery", FORGERIES)
+def test_forged_hand_over_is_not_adopted(app: str, forgery: str, tmp_path: Path) -> None:
     """claim() verifies what the environment names: a forged hand-over is ignored (the
-    descriptors are left alone), the variable is removed, and claim() claims as usual
-    (which gives ``None`` where the forger holds this endpoint's lock)."""
+    descriptors or handles are left alone), the variable is removed, and claim() claims as
+    usual (which gives ``None`` where the forger holds this endpoint's lock)."""
     stem = f"{app}@default"
     keep: list[int] = []
     listener = None
     others = []
+
+    def handle(fd: int) -> int:  # what a child inherits: Windows hands out handles
+        if WINDOWS:
+            import msvcrt
+
+            return int(msvcrt.get_osfhandle(fd))
+        return fd
+
     try:
         if forgery == "closed-fds":
             handover, fds = f"{stem}:900:901:902:-", ()
         elif forgery == "not-a-socket":
             r, w = os.pipe()
-            keep += (r, w)
-            handover, fds = f"{stem}:{r}:{w}:{w}:-", (r, w)
+            f = os.open(tmp_path / "plain", os.O_RDWR | os.O_CREAT)
+            keep += (r, w, f)
+            handover, fds = f"{stem}:{handle(r)}:{handle(f)}:{handle(w)}:-", (handle(r), handle(f))
         elif forgery == "another-app":
-            listener, sock_fd, lock_fd = raw_claim(app + "-other")
-            handover, fds = f"{stem}:{sock_fd}:{lock_fd}:{lock_fd}:-", (sock_fd, lock_fd)
+            listener, sock, lock = raw_claim(app + "-other")
+            handover, fds = f"{stem}:{sock}:{lock}:{lock}:-", (sock, lock)
         elif forgery == "foreign-socket":  # this endpoint's held lock, another's socket
-            listener, _, lock_fd = raw_claim(app)
-            other, sock_fd, _ = raw_claim(app + "-other")
+            listener, _, lock = raw_claim(app)
+            other, sock, _ = raw_claim(app + "-other")
             others.append(other)
-            handover, fds = f"{stem}:{sock_fd}:{lock_fd}:{lock_fd}:-", (sock_fd, lock_fd)
+            handover, fds = f"{stem}:{sock}:{lock}:{lock}:-", (sock, lock)
         elif forgery == "unlocked":
-            import fcntl
+            listener, sock, lock = raw_claim(app)
+            if WINDOWS:
+                listener.let_go()  # type: ignore[attr-defined]
+            else:
+                import fcntl
 
-            listener, sock_fd, lock_fd = raw_claim(app)
-            lock_path = str(lock_file(app))
-            fake = os.open(lock_path, os.O_RDWR)
+                fcntl.flock(lock, fcntl.LOCK_UN)  # the lock is nobody's now
+            fake = os.open(str(lock_file(app)), os.O_RDWR)
             keep.append(fake)
-            fcntl.flock(lock_fd, fcntl.LOCK_UN)  # the lock is nobody's now
-            handover, fds = f"{stem}:{sock_fd}:{fake}:{fake}:-", (sock_fd, fake)
+            handover, fds = f"{stem}:{sock}:{handle(fake)}:{handle(fake)}:-", (sock, handle(fake))
         else:
             handover, fds = f"{stem}:x:y", ()
         got = claimer(app, handover, fds)

@@ -206,6 +206,32 @@ def test_the_lock_decides_the_claim_and_holds_pid_and_info(app: str, children: l
         assert f.read() == f"{os.getpid()}\n"  # rewritten, no stale info line
 
 
+def test_a_claimer_gives_the_claim_back_during_a_hand_over(app: str) -> None:
+    """While a spawned daemon holds the lock file's hand-over range (waiting for its
+    frontend to let go of the claim), a claimer that wins the claim range gives it back,
+    and clients count the endpoint as held."""
+    import os
+
+    stem = f"{app}@default"
+    _, path = w._lock_path(os.environ.get("LOCALAPPDATA"), stem)
+    claimed(app).close()  # makes the directory and the lock file
+    handle = w.CreateFileW(
+        path, w.GENERIC_READ | w.GENERIC_WRITE, w._SHARE_KEEP, None, w.OPEN_EXISTING, 0, None
+    )
+    assert handle not in (None, w.INVALID_HANDLE_VALUE)
+    try:
+        assert w._held(stem) is False
+        assert w._try_lock(handle, w._HANDOVER_RANGE, w.LOCKFILE_EXCLUSIVE_LOCK) == 0
+        assert dockpoint.claim(app) is None
+        assert w._held(stem) is True
+        w._unlock(handle, w._HANDOVER_RANGE)
+    finally:
+        w.CloseHandle(handle)
+    again = dockpoint.claim(app)
+    assert again is not None
+    again.close()
+
+
 def test_a_held_lock_file_cannot_be_deleted_or_renamed(app: str) -> None:
     import os
 
