@@ -754,15 +754,6 @@ def test_many_threads_in_accept_serve_every_client_exactly_once(app: str) -> Non
 
 #: The child programs' module (roles ``aio-daemon`` and ``frontend``).
 CHILDREN = Path(__file__).resolve().parent / "aio_children.py"
-#: Whether ``connect_or_spawn`` hands the claimed endpoint over on Windows. Not yet: there
-#: it starts the daemon, which claims anew. Set this to True once the Windows hand-over
-#: is on main, and the tests below run there too.
-WINDOWS_HANDOVER = False
-needs_handover = pytest.mark.skipif(
-    WINDOWS and not WINDOWS_HANDOVER,
-    reason="connect_or_spawn has no hand-over on Windows yet "
-    "(set WINDOWS_HANDOVER = True in tests/test_aio.py when it has)",
-)
 SPAWN_TIMEOUT = 60.0
 
 
@@ -907,15 +898,14 @@ def stop_daemon(app: str, pid: int) -> None:
     dp.close()
 
 
-@needs_handover
 def test_a_spawned_asyncio_daemon_adopts_the_handed_over_endpoint(
     app: str, daemons: Daemons
 ) -> None:
     """``connect_or_spawn`` claims, starts an ``aio-daemon`` and hands it the endpoint:
     that daemon's ``dockpoint.aio.start_server`` adopts it (if it claimed anew instead,
-    it would find the lock held by its own inherited copy and give up, and
-    ``connect_or_spawn`` would raise ``SpawnError``). The frontend's connection is served
-    by that very process; a second frontend finds it and spawns nothing."""
+    it would find the claim held, give up and exit, and ``connect_or_spawn`` would raise
+    ``SpawnError``). The frontend's connection is served by that very process; a second
+    frontend finds it and spawns nothing."""
     conn = dockpoint.connect_or_spawn(
         app, daemons.argv(app), timeout=SPAWN_TIMEOUT, env=child_env(), on_spawn=daemons
     )
@@ -940,7 +930,6 @@ def test_a_spawned_asyncio_daemon_adopts_the_handed_over_endpoint(
     assert daemons.started() == [pid]
 
 
-@needs_handover
 def test_racing_frontends_start_one_asyncio_daemon_and_all_get_replies(
     app: str, daemons: Daemons
 ) -> None:
@@ -992,10 +981,11 @@ def test_racing_frontends_start_one_asyncio_daemon_and_all_get_replies(
         if report["pid"] == spawner:  # it connects once the daemon has adopted
             assert report["peer_pid"] == pid
         elif report["peer_pid"] != pid:
-            # A connection queued while the spawning frontend still held the endpoint:
-            # the kernel recorded the pid of the process that had called listen() then
-            # (Linux: at connect time), so peer_pid names the spawner, not the daemon
-            # that serves it. Known, reported; nothing else may appear there.
+            # A connection made while the spawning frontend still held the endpoint names
+            # the spawner, not the daemon that serves it: POSIX records the pid of the
+            # process that had called listen() when the client connected, Windows the
+            # process that made the pipe instance (README: the Windows protocol). Known,
+            # reported; nothing else may appear there.
             assert report["peer_pid"] == spawner, report
             early += 1
     print(f"{early} of {number - 1} racing frontends' peer_pid named the spawning frontend")
