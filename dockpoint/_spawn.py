@@ -283,8 +283,12 @@ class _Daemon:
 
                         time.sleep(min(left, 0.001))  # no pidfd (macOS, BSD): bounded poll
             finally:
-                if pidfd >= 0:
-                    old = block_signals()  # a signal must not cut the close short
+                if pidfd >= 0:  # as in _hand_over: no signal may keep the close from running
+                    try:
+                        old = block_signals()
+                    except BaseException:
+                        os.close(pidfd)
+                        raise
                     try:
                         os.close(pidfd)
                     finally:
@@ -366,8 +370,8 @@ def _hand_over(req: Request, listener: Any, old: object) -> DockpointConnection:
             sigmask=old,
         )
     except BaseException:
-        block_signals()  # the clean-up must not be cut short; the caller's mask is restored
-        try:
+
+        def undo() -> None:
             if proc is None:
                 listener.close()  # nobody got it: unlink, unlock
             else:
@@ -375,6 +379,9 @@ def _hand_over(req: Request, listener: Any, old: object) -> DockpointConnection:
                 listener.let_go()
             for fd in ours:
                 os.close(fd)
+
+        try:
+            undo()  # signals are still blocked here
         finally:
             restore_signals(old)
         raise
@@ -400,13 +407,22 @@ def _hand_over(req: Request, listener: Any, old: object) -> DockpointConnection:
             conn.peer_pid = proc.pid
         return conn
     finally:
-        again = block_signals()  # the clean-up must not be cut short by a signal
-        try:
+
+        def done() -> None:
             listener.let_go()  # Windows: once the daemon holds the hand-over range, or died
             os.close(ready_r)
             if err_r >= 0:
                 os.close(err_r)
             proc.release()
+
+        # Inline, not a helper: a signal can land as any function is entered.
+        try:
+            again = block_signals()
+        except BaseException:
+            done()
+            raise
+        try:
+            done()
         finally:
             restore_signals(again)
 

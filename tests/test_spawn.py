@@ -287,6 +287,32 @@ def test_timeout_stops_a_daemon_that_never_adopts(
     dp.close()
 
 
+@pytest.mark.skipif(not LINUX, reason="counts descriptors through /proc/self/fd")
+def test_keyboard_interrupt_anywhere_leaks_nothing(app: str) -> None:
+    """KeyboardInterrupt at every call and return of a whole connect_or_spawn run (its
+    daemon exits without adopting): afterwards no descriptor is open that was not before,
+    and the claim is free."""
+    import json
+    import shutil
+
+    program = shutil.which("true")
+    assert program is not None
+    run = subprocess.run(
+        [sys.executable, CHILDREN, "inject", app, program],
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout)
+    print(report)
+    assert report["failures"] == []
+    assert report["tried"] > 500, "a whole run makes far more calls than that"
+    assert report["hits"] == report["tried"] - 1, "some interrupts did not reach the caller"
+
+
 @pytest.mark.parametrize(
     "argv", [[], "python daemon.py", [b"python"], [1]], ids=["empty", "str", "bytes", "int"]
 )
