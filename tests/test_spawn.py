@@ -420,6 +420,44 @@ def _windows_hand_over(
     return got, seen
 
 
+@pytest.mark.skipif(not WINDOWS, reason="on POSIX the lock is handed over with its descriptor")
+def test_daemon_gives_up_when_the_frontend_never_lets_go(app: str) -> None:
+    """Windows: a daemon that holds the hand-over range but never gets the claim range
+    (its frontend does not let go) gives up after a bound, closes what it was handed, so
+    the frontend reads end of file, and claims as usual (``None``: the claim is held)."""
+    import msvcrt
+    import threading
+
+    listener, sock, lock = raw_claim(app)
+    r, w = os.pipe()
+    seen: list[bytes] = []
+
+    def frontend() -> None:  # reads everything, lets go of nothing
+        while True:
+            chunk = os.read(r, 16)
+            if not chunk:
+                break
+            seen.append(chunk)
+
+    thread = threading.Thread(target=frontend)
+    thread.start()
+    try:
+        ready = msvcrt.get_osfhandle(w)
+        start = monotonic()
+        got = claimer(app, f"{app}@default:{sock}:{lock}:{ready}:-", (sock, lock, ready))
+        waited = monotonic() - start
+    finally:
+        os.close(w)
+        thread.join(TIMEOUT)
+        os.close(r)
+        listener.close()  # type: ignore[attr-defined]
+    assert not thread.is_alive()
+    assert got["claimed"] is False
+    assert got["still_open"] == [], "handles of a hand-over it gave up on stay open"
+    assert b"".join(seen) == b"h"
+    assert waited < 20
+
+
 FORGERIES = ["closed-fds", "not-a-socket", "another-app", "foreign-socket", "unlocked", "garbled"]
 
 
