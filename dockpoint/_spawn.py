@@ -29,7 +29,7 @@ import os
 import sys
 from time import monotonic
 
-from ._common import HANDOVER, Api, DockpointConnection, SpawnError
+from ._common import HANDOVER, Api, DockpointConnection, SpawnError, block_signals, restore_signals
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # pragma: no cover
@@ -80,9 +80,15 @@ def connect_or_spawn(req: Request) -> DockpointConnection:
     api, app_name, instance, stem = req.api, req.app_name, req.instance, req.stem
     deadline = req.deadline
     while True:
-        got = api._backend.listen(stem, None)
+        old = block_signals()  # until _hand_over's cleanup is armed: no claim is leaked
+        try:
+            got = api._backend.listen(stem, None)
+        except BaseException:
+            restore_signals(old)
+            raise
         if got is not None:
-            return _hand_over(req, got[0])
+            return _hand_over(req, got[0], old)
+        restore_signals(old)
         # Someone holds the claim: a daemon, or a frontend handing it over. Its endpoint
         # takes our connection into its queue as soon as it is in place.
         left = deadline - monotonic()
@@ -195,7 +201,11 @@ class _Daemon:
         keep: tuple[int, ...],
         environ: dict[str, str],
         variable: Callable[[tuple[int, ...]], str],
+        *,
+        sigmask: object = None,
     ) -> None:
+        """``sigmask``: the signal mask the daemon starts with, from ``block_signals``
+        (``None``: this thread's); the caller may have blocked signals meanwhile."""
         self.code: int | None = None
         self.pid = -1
         self._popen: subprocess.Popen[bytes] | None = None
@@ -204,6 +214,7 @@ class _Daemon:
         if sys.platform == "win32" or spawn is None or not hasattr(os, "waitstatus_to_exitcode"):
             self.fds = keep
             environ[HANDOVER] = variable(keep)
+            restore_signals(sigmask)  # subprocess starts children with this thread's mask
             self._popen = _popen(argv, out, err, keep, environ)
             self.pid = self._popen.pid
             return
@@ -222,11 +233,13 @@ class _Daemon:
             actions += [(os.POSIX_SPAWN_CLOSE, fd) for fd in _inheritable() if fd not in mine]
             self.fds = tuple(range(top + 3, top + 3 + len(keep)))
             environ[HANDOVER] = variable(self.fds)
+            mask = {} if sigmask is None else {"setsigmask": sigmask}
             try:
-                self.pid = spawn(argv[0], argv, environ, file_actions=actions, setsid=True)
+                self.pid = spawn(argv[0], argv, environ, file_actions=actions, setsid=True, **mask)
             except NotImplementedError:  # no POSIX_SPAWN_SETSID here
                 self.fds = keep
                 environ[HANDOVER] = variable(keep)
+                restore_signals(sigmask)  # subprocess starts children with this thread's mask
                 self._popen = _popen(argv, out, err, keep, environ)
                 self.pid = self._popen.pid
         finally:
@@ -243,12 +256,15 @@ class _Daemon:
                 return None
         if self.code is None and sys.platform != "win32":
             pidfd = -1
-            if hasattr(os, "pidfd_open"):
-                try:
-                    pidfd = os.pidfd_open(self.pid)
-                except OSError:
-                    pidfd = -1
             try:
+                if hasattr(os, "pidfd_open"):
+                    old = block_signals()  # until pidfd holds it: nothing to leak
+                    try:
+                        pidfd = os.pidfd_open(self.pid)
+                    except OSError:
+                        pidfd = -1
+                    finally:
+                        restore_signals(old)
                 deadline = monotonic() + timeout
                 while True:
                     pid, status = os.waitpid(self.pid, os.WNOHANG)
@@ -267,8 +283,16 @@ class _Daemon:
 
                         time.sleep(min(left, 0.001))  # no pidfd (macOS, BSD): bounded poll
             finally:
-                if pidfd >= 0:
-                    os.close(pidfd)
+                if pidfd >= 0:  # as in _hand_over: no signal may keep the close from running
+                    try:
+                        old = block_signals()
+                    except BaseException:
+                        os.close(pidfd)
+                        raise
+                    try:
+                        os.close(pidfd)
+                    finally:
+                        restore_signals(old)
         return self.code
 
     def stop(self) -> None:
@@ -313,7 +337,9 @@ def _inheritable() -> list[int]:
     return []
 
 
-def _hand_over(req: Request, listener: Any) -> DockpointConnection:
+def _hand_over(req: Request, listener: Any, old: object) -> DockpointConnection:
+    """Hand ``listener``, claimed with signals blocked (``old`` restores them, once what
+    the hand-over opens is accounted for), to a daemon started for it; connect to it."""
     stem, log = req.stem, req.log
     ours: list[int] = []
     proc = None
@@ -341,20 +367,29 @@ def _hand_over(req: Request, listener: Any) -> DockpointConnection:
             (sock, lock, ready),
             environ,
             lambda fds: f"{stem}:{fds[0]}:{fds[1]}:{fds[2]}:{capture}",
+            sigmask=old,
         )
     except BaseException:
-        if proc is None:
-            listener.close()  # nobody got it: unlink, unlock
-        else:
-            listener.forget()
-            listener.let_go()
-        for fd in ours:
-            os.close(fd)
+
+        def undo() -> None:
+            if proc is None:
+                listener.close()  # nobody got it: unlink, unlock
+            else:
+                listener.forget()
+                listener.let_go()
+            for fd in ours:
+                os.close(fd)
+
+        try:
+            undo()  # signals are still blocked here
+        finally:
+            restore_signals(old)
         raise
     listener.forget()  # the daemon's copies keep the endpoint (POSIX: and the claim)
     for fd in (ready_w, err, out) if err != out else (ready_w, out):
         os.close(fd)
     try:
+        restore_signals(old)  # only now: what is left to close is closed below
         if req.on_spawn is not None:
             req.on_spawn(proc.pid)
         _wait_adopted(req, proc, (ready_r, err_r), log_start, listener.let_go)
@@ -372,11 +407,24 @@ def _hand_over(req: Request, listener: Any) -> DockpointConnection:
             conn.peer_pid = proc.pid
         return conn
     finally:
-        listener.let_go()  # Windows: once the daemon holds the hand-over range, or died
-        os.close(ready_r)
-        if err_r >= 0:
-            os.close(err_r)
-        proc.release()
+
+        def done() -> None:
+            listener.let_go()  # Windows: once the daemon holds the hand-over range, or died
+            os.close(ready_r)
+            if err_r >= 0:
+                os.close(err_r)
+            proc.release()
+
+        # Inline, not a helper: a signal can land as any function is entered.
+        try:
+            again = block_signals()
+        except BaseException:
+            done()
+            raise
+        try:
+            done()
+        finally:
+            restore_signals(again)
 
 
 class _Pipes:

@@ -1301,6 +1301,7 @@ if sys.platform == "win32":
             return None  # not this endpoint, or no claim being handed over: claim anew
         deadline = monotonic() + _HANDOVER_WAIT
         if not _wait_lock(lock, _HANDOVER_RANGE, deadline):
+            _give_up((pipe, lock, ready))
             return None
         told = GetFileType(ready) == FILE_TYPE_PIPE and _tell(ready, b"h")
         attributes = descriptor = None
@@ -1309,6 +1310,7 @@ if sys.platform == "win32":
             # Once told, the frontend lets go; if it died, the claim range is free already.
             if not _wait_lock(lock, _CLAIM_RANGE, deadline):
                 _unlock(lock, _HANDOVER_RANGE)
+                _give_up((pipe, lock, ready))
                 return None  # another holder: the next claim attempt answers None
             claimed = True
             _lock_alive(lock, path)
@@ -1329,6 +1331,12 @@ if sys.platform == "win32":
         if told:
             _ready(ready, stderr)
         return listener, name
+
+    def _give_up(handles: tuple[int, int, int]) -> None:
+        """Close a verified hand-over's handles that could not be taken over: our children
+        must not inherit them, and the frontend reads end of file (not adopted)."""
+        for handle in handles:
+            CloseHandle(handle)
 
     def _ready(ready: int, stderr: str) -> None:
         """Tell the frontend the endpoint is adopted; stop its early-stderr capture."""

@@ -6,6 +6,11 @@
   to standard error than a pipe holds first.
 - ``frontend APP PIDFILE COUNT``: waits for end of file on stdin (the gate), then
   ``connect_or_spawn`` with the daemon role and prints ``{"spawned": [...], "reply": pid}``.
+- ``inject APP PROGRAM``: runs ``connect_or_spawn(APP, [PROGRAM])`` (a program that exits
+  without adopting) with ``KeyboardInterrupt`` raised at its Nth call or return, for every
+  N until a run ends before its Nth; after each, checks that no descriptor leaked and the
+  claim is free; prints ``{"tried": N, "hits": H, "failures":
+  [...]}`` (Linux).
 - ``claimer APP HANDLE...``: claims APP with whatever hand-over the environment names and
   prints what it saw, and which of the given descriptors (POSIX) or handles (Windows) are
   still open.
@@ -110,12 +115,82 @@ def claimer(app: str, handles: list[int]) -> None:
     print(json.dumps(out))
 
 
+def inject(app: str, program: str) -> None:
+    import gc
+    import signal
+    import warnings
+
+    warnings.simplefilter("ignore", ResourceWarning)  # an interrupted call's objects dropped
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    state = {"n": 0, "at": 0}
+
+    def prof(frame: object, event: str, arg: object) -> None:
+        if arg is sys.setprofile:
+            return
+        state["n"] += 1
+        if state["n"] == state["at"]:
+            signal.raise_signal(signal.SIGINT)
+
+    def attempt(at: int) -> bool:
+        state["n"], state["at"] = 0, at
+        sys.setprofile(prof)
+        try:
+            dockpoint.connect_or_spawn(app, [program], timeout=10)
+        except dockpoint.SpawnError:
+            return False
+        except KeyboardInterrupt:
+            return True
+        finally:
+            sys.setprofile(None)
+        raise AssertionError("the program adopted nothing, yet a connection came back")
+
+    def free() -> bool:
+        dp = dockpoint.claim(app)
+        if dp is None:
+            return False
+        dp.close()
+        return True
+
+    for _ in range(2):  # warm up: lazy imports done, the directory exists
+        attempt(0)
+    base = sorted(os.listdir("/proc/self/fd"))
+    failures: list[object] = []
+    at = hits = 0
+    while at < 20000:  # a whole run makes about 1,300 calls and returns
+        at += 1
+        try:
+            hit = attempt(at)
+        except BaseException as e:  # a KeyboardInterrupt inside the harness itself
+            failures.append([at, "harness: " + repr(e)])
+            continue
+        gc.collect()
+        hits += hit
+        while True:  # an interrupt after the spawn leaves the endpoint to the program: reap it
+            try:
+                os.waitpid(-1, 0)
+            except ChildProcessError:
+                break
+        if not free():
+            failures.append([at, "the claim is held after connect_or_spawn ended"])
+        now = sorted(os.listdir("/proc/self/fd"))
+        if now != base:
+            failures.append([at, f"descriptors {sorted(set(now) - set(base))} leaked"])
+            base = now
+        if not hit and state["n"] < at:
+            break  # it ran to the end before the Nth event: every point has been tried
+        if len(failures) >= 5:
+            break  # enough to show what is wrong; leaks would make every later run longer
+    print(json.dumps({"tried": at, "hits": hits, "failures": failures}))
+
+
 def main(argv: list[str]) -> None:
     role, args = argv[0], argv[1:]
     if role == "daemon":
         daemon(args[0], args[1], int(args[2]))
     elif role == "frontend":
         frontend(args[0], args[1], args[2])
+    elif role == "inject":
+        inject(args[0], args[1])
     elif role == "claimer":
         claimer(args[0], [int(a) for a in args[1:]])
     else:

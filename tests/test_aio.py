@@ -750,6 +750,249 @@ def test_many_threads_in_accept_serve_every_client_exactly_once(app: str) -> Non
     assert seen == Counter(b"%d" % i for i in range(clients))
 
 
+# --------------------------------------------------------------------------- spawned daemon
+
+#: The child programs' module (roles ``aio-daemon`` and ``frontend``).
+CHILDREN = Path(__file__).resolve().parent / "aio_children.py"
+SPAWN_TIMEOUT = 60.0
+
+
+def ended(pid: int, timeout: float) -> bool:
+    """Wait up to ``timeout`` seconds for process ``pid`` to end; reap it if it is ours."""
+    import time
+
+    if WINDOWS:
+        return _ended_windows(pid, timeout)
+    deadline = time.monotonic() + timeout
+    pidfd = -1
+    if hasattr(os, "pidfd_open"):
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:  # gone already (ESRCH), or no pidfd here: poll
+            pidfd = -1
+    try:
+        while not _gone(pid):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            if pidfd >= 0:
+                import select
+
+                select.select([pidfd], [], [], left)  # readable once it has ended
+            else:
+                time.sleep(min(left, 0.01))  # no pidfd (macOS, BSD): a bounded poll
+        return True
+    finally:
+        if pidfd >= 0:
+            os.close(pidfd)
+
+
+def _gone(pid: int) -> bool:
+    """Whether ``pid`` has ended (POSIX); reaps it if it is this process's child."""
+    try:
+        # our child (started from this process): ended once reaped
+        return os.waitpid(pid, os.WNOHANG)[0] == pid
+    except ChildProcessError:  # not ours: ask the kernel
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rpartition(b")")[2].split()[0]
+    except OSError:
+        return True
+    return state in (b"Z", b"X")  # ended; its parent has not reaped it yet
+
+
+def _ended_windows(pid: int, timeout: float) -> bool:
+    import ctypes
+
+    kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)  # type: ignore[attr-defined]
+    kernel32.OpenProcess.restype = ctypes.c_void_p
+    handle = kernel32.OpenProcess(0x00100000, False, pid)  # SYNCHRONIZE
+    if not handle:
+        return True  # no such process
+    try:
+        ms = max(0, int(timeout * 1000))
+        return bool(kernel32.WaitForSingleObject(ctypes.c_void_p(handle), ms) == 0)
+    finally:
+        kernel32.CloseHandle(ctypes.c_void_p(handle))
+
+
+class Daemons:
+    """The daemons a test's frontends started: ``on_spawn`` pids and the start log every
+    ``aio-daemon`` writes. Whatever still runs at the end is killed (bounded)."""
+
+    def __init__(self, starts: Path) -> None:
+        self.starts = starts
+        self.spawned: list[int] = []
+
+    def __call__(self, pid: int) -> None:  # on_spawn
+        self.spawned.append(pid)
+
+    def started(self) -> list[int]:
+        """Every aio-daemon that ran, in the order they started."""
+        if not self.starts.exists():
+            return []
+        return [int(p) for p in self.starts.read_text(encoding="utf-8").split()]
+
+    def argv(self, app: str) -> list[str]:
+        return [sys.executable, str(CHILDREN), "aio-daemon", app, str(self.starts)]
+
+    def kill_all(self) -> None:
+        for pid in {*self.spawned, *self.started()}:
+            try:
+                os.kill(pid, signal.SIGKILL if not WINDOWS else signal.SIGTERM)
+            except OSError:
+                continue
+            ended(pid, 10)
+
+
+@pytest.fixture
+def daemons(tmp_path: Path) -> Iterator[Daemons]:
+    tracker = Daemons(tmp_path / "starts")
+    yield tracker
+    tracker.kill_all()
+
+
+def ask_daemon(conn: dockpoint.DockpointConnection, line: bytes) -> dict[str, object]:
+    """Send ``line``, return the daemon's JSON reply (bounded)."""
+    import json
+
+    with conn:
+        conn.write(line)
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = conn.read(timeout=SPAWN_TIMEOUT)
+            assert chunk, f"the daemon closed without answering (got {data!r})"
+            data += chunk
+    reply = json.loads(data)
+    assert isinstance(reply, dict)
+    return reply
+
+
+def check_adopted(app: str, reply: dict[str, object], pid: int) -> None:
+    """``reply`` comes from the asyncio daemon ``pid``, whose ``start_server`` found the
+    hand-over for this endpoint and consumed it."""
+    assert reply["pid"] == pid, "not answered by the daemon that was spawned"
+    assert reply["served_by"] == "dockpoint.aio"
+    before = reply["before"]
+    assert isinstance(before, str), "the daemon was started without a hand-over"
+    assert before.startswith(f"{app}@default:"), before
+    assert reply["after"] is None, "start_server left the hand-over variable"
+    assert reply["address"] == dockpoint.address(app)
+
+
+def stop_daemon(app: str, pid: int) -> None:
+    """Ask the daemon to stop; it has released the claim when it answers; it exits."""
+    conn = dockpoint.connect(app, timeout=10)
+    assert conn is not None, "the daemon no longer answers"
+    assert ask_daemon(conn, b"stop\n")["pid"] == pid
+    assert ended(pid, 30), f"daemon {pid} did not exit within 30 s of being asked to"
+    dp = dockpoint.claim(app, wait=10)  # released, and nothing is left in the way
+    assert dp is not None, "the stopped daemon kept the claim"
+    dp.close()
+
+
+def test_a_spawned_asyncio_daemon_adopts_the_handed_over_endpoint(
+    app: str, daemons: Daemons
+) -> None:
+    """``connect_or_spawn`` claims, starts an ``aio-daemon`` and hands it the endpoint:
+    that daemon's ``dockpoint.aio.start_server`` adopts it (if it claimed anew instead,
+    it would find the claim held, give up and exit, and ``connect_or_spawn`` would raise
+    ``SpawnError``). The frontend's connection is served by that very process; a second
+    frontend finds it and spawns nothing."""
+    conn = dockpoint.connect_or_spawn(
+        app, daemons.argv(app), timeout=SPAWN_TIMEOUT, env=child_env(), on_spawn=daemons
+    )
+    assert len(daemons.spawned) == 1
+    (pid,) = daemons.spawned
+    assert conn.peer_pid == pid, "the connection's other end is not the spawned daemon"
+    check_adopted(app, ask_daemon(conn, b"hello\n"), pid)
+    assert daemons.started() == [pid]
+    if not WINDOWS:  # the lock file names the daemon, not the frontend that claimed
+        from conftest import lock_file
+
+        assert lock_file(app).read_text().split("\n")[0] == str(pid)
+    assert dockpoint.claim(app) is None  # the daemon holds the claim
+
+    again = dockpoint.connect_or_spawn(
+        app, daemons.argv(app), timeout=SPAWN_TIMEOUT, env=child_env(), on_spawn=daemons
+    )
+    assert again.peer_pid == pid
+    assert ask_daemon(again, b"again\n")["pid"] == pid
+    assert daemons.spawned == [pid], "a second frontend spawned another daemon"
+    stop_daemon(app, pid)
+    assert daemons.started() == [pid]
+
+
+def test_racing_frontends_start_one_asyncio_daemon_and_all_get_replies(
+    app: str, daemons: Daemons
+) -> None:
+    """Ten frontend processes released at once against no daemon: exactly one spawn among
+    them, one ``aio-daemon`` ever started, and every frontend's request answered by it
+    over a connection whose peer is that daemon."""
+    import json
+
+    number = 10
+    gate_r, gate_w = os.pipe()
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        for _ in range(number):
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, str(CHILDREN), "frontend", app, str(daemons.starts)],
+                    stdin=gate_r,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    env=child_env(),
+                )
+            )
+        os.close(gate_r)
+        gate_r = -1
+        os.close(gate_w)  # end of file: every frontend goes at once
+        gate_w = -1
+        results = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for fd in (gate_r, gate_w):
+            if fd >= 0:
+                os.close(fd)
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate(timeout=30)
+    for p, (_, err) in zip(procs, results):
+        assert p.returncode == 0, err.decode()
+    reports = [json.loads(out) for out, _ in results]
+    events = [pid for r in reports for pid in r["spawned"]]
+    daemons.spawned += events
+    assert len(events) == 1, f"{len(events)} frontends started a daemon: {events}"
+    (pid,) = events
+    assert daemons.started() == [pid], "more than one aio-daemon was started"
+    (spawner,) = [r["pid"] for r in reports if r["spawned"]]
+    early = 0
+    for report in reports:
+        check_adopted(app, report["reply"], pid)
+        assert report["reply"]["line"] == f"hello from {report['pid']}\n"
+        if report["pid"] == spawner:  # it connects once the daemon has adopted
+            assert report["peer_pid"] == pid
+        elif report["peer_pid"] != pid:
+            # A connection made while the spawning frontend still held the endpoint names
+            # the spawner, not the daemon that serves it: POSIX records the pid of the
+            # process that had called listen() when the client connected, Windows the
+            # process that made the pipe instance (README: the Windows protocol). Known,
+            # reported; nothing else may appear there.
+            assert report["peer_pid"] == spawner, report
+            early += 1
+    print(f"{early} of {number - 1} racing frontends' peer_pid named the spawning frontend")
+    assert len({r["pid"] for r in reports}) == number
+    stop_daemon(app, pid)
+
+
 # --------------------------------------------------------------------------- README
 
 

@@ -287,6 +287,32 @@ def test_timeout_stops_a_daemon_that_never_adopts(
     dp.close()
 
 
+@pytest.mark.skipif(not LINUX, reason="counts descriptors through /proc/self/fd")
+def test_keyboard_interrupt_anywhere_leaks_nothing(app: str) -> None:
+    """KeyboardInterrupt at every call and return of a whole connect_or_spawn run (its
+    daemon exits without adopting): afterwards no descriptor is open that was not before,
+    and the claim is free."""
+    import json
+    import shutil
+
+    program = shutil.which("true")
+    assert program is not None
+    run = subprocess.run(
+        [sys.executable, CHILDREN, "inject", app, program],
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout)
+    print(report)
+    assert report["failures"] == []
+    assert report["tried"] > 500, "a whole run makes far more calls than that"
+    assert report["hits"] == report["tried"] - 1, "some interrupts did not reach the caller"
+
+
 @pytest.mark.parametrize(
     "argv", [[], "python daemon.py", [b"python"], [1]], ids=["empty", "str", "bytes", "int"]
 )
@@ -392,6 +418,44 @@ def _windows_hand_over(
         os.close(r)
     assert not thread.is_alive()
     return got, seen
+
+
+@pytest.mark.skipif(not WINDOWS, reason="on POSIX the lock is handed over with its descriptor")
+def test_daemon_gives_up_when_the_frontend_never_lets_go(app: str) -> None:
+    """Windows: a daemon that holds the hand-over range but never gets the claim range
+    (its frontend does not let go) gives up after a bound, closes what it was handed, so
+    the frontend reads end of file, and claims as usual (``None``: the claim is held)."""
+    import msvcrt
+    import threading
+
+    listener, sock, lock = raw_claim(app)
+    r, w = os.pipe()
+    seen: list[bytes] = []
+
+    def frontend() -> None:  # reads everything, lets go of nothing
+        while True:
+            chunk = os.read(r, 16)
+            if not chunk:
+                break
+            seen.append(chunk)
+
+    thread = threading.Thread(target=frontend)
+    thread.start()
+    try:
+        ready = msvcrt.get_osfhandle(w)
+        start = monotonic()
+        got = claimer(app, f"{app}@default:{sock}:{lock}:{ready}:-", (sock, lock, ready))
+        waited = monotonic() - start
+    finally:
+        os.close(w)
+        thread.join(TIMEOUT)
+        os.close(r)
+        listener.close()  # type: ignore[attr-defined]
+    assert not thread.is_alive()
+    assert got["claimed"] is False
+    assert got["still_open"] == [], "handles of a hand-over it gave up on stay open"
+    assert b"".join(seen) == b"h"
+    assert waited < 20
 
 
 FORGERIES = ["closed-fds", "not-a-socket", "another-app", "foreign-socket", "unlocked", "garbled"]

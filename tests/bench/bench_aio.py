@@ -13,6 +13,16 @@ doing 100 round trips of a 64-byte message, against
 - ``raw``: ``asyncio.start_unix_server`` on a plain socket path in a daemon process,
   clients through ``asyncio.open_unix_connection``.
 
+On Windows (and under Wine: ``python3 .ci/wine_lane.py python tests/bench/bench_aio.py``)
+there are no Unix sockets for asyncio, so ``raw`` is asyncio's own named-pipe support in
+the proactor event loop on a plain pipe: ``loop.start_serving_pipe`` in the daemon (one
+listening instance at a time, a new one made as each client connects), clients through
+``loop.create_pipe_connection``, which retries a busy pipe itself; both wrapped in
+asyncio's ``StreamReader``/``StreamReaderProtocol``/``StreamWriter`` exactly as
+``start_unix_server`` wraps its sockets. (``start_serving_pipe`` is a method of
+``ProactorEventLoop`` that asyncio's documentation does not list; it is what asyncio
+offers.) The dockpoint side is ``dockpoint.aio`` on dockpoint's own pipe instances.
+
 Both daemons echo with the same handler and run for the whole benchmark in their own
 processes; the clients of each round run in this process, in one event loop. Method: ONE
 run, one warm-up round per side, then ``--reps`` rounds (default 7) interleaved in
@@ -23,11 +33,13 @@ ratios dockpoint/raw (target: at least 0.9).
 ``--pin`` (Linux) chooses the CPU layout: ``same`` (default; clients and daemons share one
 CPU, so a busy or small machine's scheduler does not decide the result), ``split``
 (clients on one CPU, daemons on another) or ``none``. The CPU cost ratio (clients' plus
-daemon's CPU seconds per round, Linux) is printed too: it is the steadiest number when
+daemon's CPU seconds per round, Linux and Windows) is printed too: it is the steadiest number when
 other work shares the machine.
 
-``XDG_RUNTIME_DIR`` points at a private 0700 temporary directory for the run; the daemons
-are killed at the end, also on error.
+``XDG_RUNTIME_DIR`` (Windows: ``LOCALAPPDATA``, where the lock files live) points at a
+private 0700 temporary directory for the run; the daemons are killed at the end, also on
+error. The CPU cost ratio needs the daemon's CPU time: ``/proc`` on Linux,
+``GetProcessTimes`` on Windows; elsewhere it is not printed.
 """
 
 from __future__ import annotations
@@ -44,9 +56,14 @@ import tempfile
 import time
 from pathlib import Path
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
 HERE = Path(__file__).resolve()
 ROOT = HERE.parent.parent.parent
 MESSAGE = b"m" * 63 + b"\n"
+WINDOWS = sys.platform == "win32"
 
 
 async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -71,14 +88,58 @@ async def serve(side: str, where: str) -> None:
         server = await dockpoint.aio.start_server(echo, where)
         if server is None:
             raise SystemExit(f"{where} is already claimed")
+    elif WINDOWS:
+        server = await raw_pipe_server(where)  # type: ignore[assignment]
     else:
         server = await asyncio.start_unix_server(echo, where, backlog=4096)  # type: ignore[assignment]
     loop = asyncio.get_running_loop()
     done = loop.create_future()
-    loop.add_reader(sys.stdin.fileno(), lambda: done.done() or done.set_result(None))
+    if WINDOWS:  # the proactor loop cannot watch stdin: a thread waits for its end
+
+        def wait_for_eof() -> None:
+            sys.stdin.buffer.read()
+            loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
+
+        import threading
+
+        threading.Thread(target=wait_for_eof, daemon=True).start()
+    else:
+        loop.add_reader(sys.stdin.fileno(), lambda: done.done() or done.set_result(None))
     print("ready", flush=True)
     await done
     server.close()
+
+
+class _PipeServers:
+    """What ``loop.start_serving_pipe`` returns (a list of ``PipeServer``), closable."""
+
+    def __init__(self, servers: list[Any]) -> None:
+        self._servers = servers
+
+    def close(self) -> None:
+        for server in self._servers:
+            server.close()
+
+
+async def raw_pipe_server(address: str) -> _PipeServers:
+    """Windows baseline: asyncio's own named-pipe server on a plain pipe, with streams."""
+    loop = asyncio.get_running_loop()
+
+    def factory() -> asyncio.StreamReaderProtocol:
+        return asyncio.StreamReaderProtocol(asyncio.StreamReader(), echo)
+
+    return _PipeServers(await loop.start_serving_pipe(factory, address))  # type: ignore[attr-defined]
+
+
+async def raw_pipe_connection(address: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Windows baseline client: ``loop.create_pipe_connection`` with asyncio's streams."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    protocol = asyncio.StreamReaderProtocol(reader)
+    transport, _ = await loop.create_pipe_connection(  # type: ignore[attr-defined]
+        lambda: protocol, address
+    )
+    return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
 
 
 async def clients(side: str, where: str, count: int, trips: int) -> float:
@@ -90,6 +151,10 @@ async def clients(side: str, where: str, count: int, trips: int) -> float:
             got = await dockpoint.aio.open_connection(where, timeout=30)
             assert got is not None, "no dockpoint daemon"
             return got
+    elif WINDOWS:
+
+        async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+            return await raw_pipe_connection(where)
     else:
 
         async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -115,13 +180,64 @@ async def clients(side: str, where: str, count: int, trips: int) -> float:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds process ``pid`` has used (Linux; 0.0 elsewhere)."""
+    """User + system CPU seconds process ``pid`` has used (Linux, Windows; 0.0 elsewhere)."""
+    if WINDOWS:
+        return _windows_cpu_seconds(pid)
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             fields = f.read().rpartition(b")")[2].split()
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _windows_cpu_seconds(pid: int) -> float:
+    import ctypes
+    from ctypes import wintypes
+
+    kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)  # type: ignore[attr-defined]
+    kernel32.OpenProcess.restype = wintypes.HANDLE
+    handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+    if not handle:
+        return 0.0
+    try:
+        times = [wintypes.FILETIME() for _ in range(4)]  # creation, exit, kernel, user
+        if not kernel32.GetProcessTimes(wintypes.HANDLE(handle), *(ctypes.byref(t) for t in times)):
+            return 0.0
+        ticks = sum((t.dwHighDateTime << 32) | t.dwLowDateTime for t in times[2:])
+        return ticks / 1e7  # 100 ns units
+    finally:
+        kernel32.CloseHandle(wintypes.HANDLE(handle))
+
+
+def wine_version() -> str | None:
+    """Wine's version when this Windows Python runs under Wine, else ``None``."""
+    if not WINDOWS:
+        return None
+    import ctypes
+
+    try:
+        wine = ctypes.WinDLL("ntdll").wine_get_version  # type: ignore[attr-defined]
+    except AttributeError:
+        return None
+    wine.restype = ctypes.c_char_p
+    return str(wine().decode())
+
+
+#: Under Wine much of the pipe work is done by wineserver, whose CPU time no side counts.
+UNDER_WINE = "; under Wine: wineserver's CPU time not included" if wine_version() else ""
+
+
+def platform_line() -> str:
+    """The interpreter, the OS, and Wine's version when under Wine."""
+    import platform
+
+    where = f"{platform.system()} {platform.release()}"
+    wine = wine_version()
+    if wine is not None:
+        where += f" under Wine {wine} (not real Windows)"
+    impl = platform.python_implementation()
+    return f"Python {platform.python_version()} ({impl}), {where}, {os.cpu_count()} CPUs"
 
 
 def round_of(side: str, where: str, daemon: int, count: int, trips: int) -> tuple[float, float]:
@@ -140,7 +256,7 @@ def spawn(side: str, where: str, env: dict[str, str]) -> subprocess.Popen[bytes]
     )
     assert proc.stdout is not None
     line = proc.stdout.readline()  # the daemon says ready or dies (then b"")
-    if line != b"ready\n":
+    if line.rstrip() != b"ready":  # Windows' text mode ends it with \r\n
         proc.kill()
         proc.wait(10)
         raise SystemExit(f"the {side} daemon did not start: {line!r}")
@@ -164,17 +280,19 @@ def main() -> None:
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     if args.pin != "none" and len(cpus) < (2 if args.pin == "split" else 1):
         args.pin = "none"
-    if sys.platform == "win32":
-        print("asyncio row: dockpoint.aio does not support Windows yet; nothing to measure")
-        return
     runtime = tempfile.mkdtemp(prefix="dockpoint-bench-aio-")
     os.chmod(runtime, 0o700)
     os.environ["XDG_RUNTIME_DIR"] = runtime
+    if WINDOWS:
+        os.environ["LOCALAPPDATA"] = runtime  # the claim's lock files: private to this run
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     sys.path.insert(0, str(ROOT))
-    app = "bench-aio"
-    raw_path = os.path.join(runtime, "raw.sock")
+    app = f"bench-aio-{os.getpid()}"  # pipe names are machine-wide
+    if WINDOWS:
+        raw_path = rf"\\.\pipe\dockpoint-bench-aio-raw-{os.getpid()}"
+    else:
+        raw_path = os.path.join(runtime, "raw.sock")
     daemons: list[subprocess.Popen[bytes]] = []
     try:
         if args.pin != "none":
@@ -199,10 +317,17 @@ def main() -> None:
         ratios = [raw / dp for dp, raw in zip(times["dockpoint"], times["raw"])]
         ratio = statistics.median(ratios)
         cpu_ratios = [raw / dp for dp, raw in zip(cpu["dockpoint"], cpu["raw"])]
+        # Without the daemons' CPU time (no /proc, no GetProcessTimes) it is clients only.
+        daemon_cpu_seen = all(cpu_seconds(pid) > 0 for pid in pids.values())
+        baseline = (
+            "asyncio's proactor named-pipe server (loop.start_serving_pipe) on a raw pipe"
+            if WINDOWS
+            else "asyncio.start_unix_server on a raw socket"
+        )
         print(
             f"asyncio echo, {args.clients} concurrent clients x {args.trips} round trips "
             f"(connects included), {args.reps} interleaved rounds after a warm-up, "
-            f"CPU layout {args.pin}"
+            f"CPU layout {args.pin}; raw = {baseline}; {platform_line()}"
         )
         for side in sides:
             rates = [trips / t for t in times[side]]
@@ -214,15 +339,19 @@ def main() -> None:
             f"  throughput ratio dockpoint/raw: median {ratio:.3f} "
             f"(per round: {', '.join(f'{r:.3f}' for r in ratios)}); target >= 0.9"
         )
-        if any(cpu_ratios):
+        if all(cpu[side] and min(cpu[side]) > 0 for side in sides) and daemon_cpu_seen:
             print(
                 "  CPU cost ratio raw/dockpoint (clients + daemon CPU seconds, steadier on a "
-                f"busy machine): median {statistics.median(cpu_ratios):.3f} "
+                f"busy machine{UNDER_WINE}): median {statistics.median(cpu_ratios):.3f} "
                 f"(per round: {', '.join(f'{r:.3f}' for r in cpu_ratios)})"
             )
         if args.json:
             result = {
                 "row": "asyncio",
+                "platform": platform_line(),
+                "baseline": baseline,
+                "clients": args.clients,
+                "trips": args.trips,
                 "pin": args.pin,
                 "ratio": ratio,
                 "ratios": ratios,
