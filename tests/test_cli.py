@@ -465,12 +465,13 @@ def test_send_leaves_no_resource_warning(env: dict[str, str], app: str, daemons:
 #: ``send``, in one process: what each of them loads.
 CLI_MODULES = """
 import sys
+before = set(sys.modules)  # what start-up loaded (a site-packages .pth may load enum)
 from dockpoint._cli import daemon, main
 app = sys.argv[1]
 served = daemon(["serve", app, "default", "0.05"])  # claims, sets handlers, idles out
 sent = main(["send", app, "hi", "--no-spawn"])  # nobody there now: exit status 1
 heavy = {"signal", "enum", "warnings", "argparse", "dockpoint._cli_more", "subprocess"}
-print(served, sent, " ".join(sorted(heavy & set(sys.modules))) or "none")
+print(served, sent, " ".join(sorted(heavy & (set(sys.modules) - before))) or "none")
 """
 
 
