@@ -156,36 +156,22 @@ def _popen(
 ) -> subprocess.Popen[bytes]:
     import subprocess
 
-    if sys.platform == "win32":
-        flags = subprocess.DETACHED_PROCESS | subprocess.CREATE_NEW_PROCESS_GROUP
-        info = subprocess.STARTUPINFO()
-        info.lpAttributeList = {"handle_list": list(pass_fds)}  # these and stdio only
-        for handle in pass_fds:  # the list's handles must be inheritable while it starts
-            os.set_handle_inheritable(handle, True)
-        try:
-            return subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=err,
-                close_fds=True,
-                creationflags=flags,
-                startupinfo=info,
-                env=environ,
-            )
-        finally:
-            for handle in pass_fds:
-                os.set_handle_inheritable(handle, False)
-    return subprocess.Popen(
-        argv,
-        stdin=subprocess.DEVNULL,
-        stdout=out,
-        stderr=err,
-        close_fds=True,
-        pass_fds=pass_fds,
-        start_new_session=True,  # no terminal, no SIGHUP when the frontend's session ends
-        env=environ,
+    common: dict[str, Any] = dict(
+        stdin=subprocess.DEVNULL, stdout=out, stderr=err, close_fds=True, env=environ
     )
+    if sys.platform != "win32":
+        # Own session: no terminal, no SIGHUP when the frontend's session ends.
+        return subprocess.Popen(argv, pass_fds=pass_fds, start_new_session=True, **common)
+    flags = subprocess.DETACHED_PROCESS | subprocess.CREATE_NEW_PROCESS_GROUP
+    info = subprocess.STARTUPINFO()
+    info.lpAttributeList = {"handle_list": list(pass_fds)}  # these and stdio only
+    for handle in pass_fds:  # the list's handles must be inheritable while it starts
+        os.set_handle_inheritable(handle, True)
+    try:
+        return subprocess.Popen(argv, creationflags=flags, startupinfo=info, **common)
+    finally:
+        for handle in pass_fds:
+            os.set_handle_inheritable(handle, False)
 
 
 class _Daemon:
@@ -208,15 +194,12 @@ class _Daemon:
         (``None``: this thread's); the caller may have blocked signals meanwhile."""
         self.code: int | None = None
         self.pid = -1
+        self.fds: tuple[int, ...] = keep
         self._popen: subprocess.Popen[bytes] | None = None
         out, err = stdio
         spawn = getattr(os, "posix_spawnp", None)
         if sys.platform == "win32" or spawn is None or not hasattr(os, "waitstatus_to_exitcode"):
-            self.fds = keep
-            environ[HANDOVER] = variable(keep)
-            restore_signals(sigmask)  # subprocess starts children with this thread's mask
-            self._popen = _popen(argv, out, err, keep, environ)
-            self.pid = self._popen.pid
+            self._subprocess(argv, stdio, keep, environ, variable, sigmask)
             return
         null = os.open(os.devnull, os.O_RDONLY | _PRIVATE)
         try:
@@ -237,13 +220,25 @@ class _Daemon:
             try:
                 self.pid = spawn(argv[0], argv, environ, file_actions=actions, setsid=True, **mask)
             except NotImplementedError:  # no POSIX_SPAWN_SETSID here
-                self.fds = keep
-                environ[HANDOVER] = variable(keep)
-                restore_signals(sigmask)  # subprocess starts children with this thread's mask
-                self._popen = _popen(argv, out, err, keep, environ)
-                self.pid = self._popen.pid
+                self._subprocess(argv, stdio, keep, environ, variable, sigmask)
         finally:
             os.close(null)
+
+    def _subprocess(  # noqa: PLR0917 - the constructor's own arguments, passed on
+        self,
+        argv: list[str | os.PathLike[str]],
+        stdio: tuple[int, int],
+        keep: tuple[int, ...],
+        environ: dict[str, str],
+        variable: Callable[[tuple[int, ...]], str],
+        sigmask: object,
+    ) -> None:
+        """Start it with ``subprocess`` (Windows, or no ``posix_spawn`` with a session)."""
+        self.fds = keep  # Windows: inherited handles keep their values
+        environ[HANDOVER] = variable(keep)
+        restore_signals(sigmask)  # subprocess starts children with this thread's mask
+        self._popen = _popen(argv, *stdio, keep, environ)
+        self.pid = self._popen.pid
 
     def wait(self, timeout: float) -> int | None:
         """The exit status (negative: the signal), or ``None`` if it still runs."""

@@ -138,6 +138,27 @@ def test_hand_over(app: str, tmp_path: Path, spawned: Spawned) -> None:
     assert dockpoint.claim(app) is None  # the daemon holds the claim
 
 
+@pytest.mark.skipif(WINDOWS, reason="Windows always starts daemons with subprocess")
+def test_hand_over_through_subprocess(
+    app: str, tmp_path: Path, spawned: Spawned, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where os.posix_spawnp is missing (or cannot start a session), subprocess starts the
+    daemon: the same hand-over, the same detached daemon."""
+    monkeypatch.delattr(os, "posix_spawnp")
+    conn = dockpoint.connect_or_spawn(
+        app, daemon_argv(app, tmp_path / "pids", 1), timeout=TIMEOUT, on_spawn=spawned
+    )
+    (pid,) = spawned.pids
+    assert conn.peer_pid == pid
+    report = ask(conn)
+    assert report["pid"] == pid
+    assert report["after"] is None
+    assert report["sid"] == pid, "the daemon is not in its own session"
+    if LINUX:
+        assert report["inheritable"] == []
+        assert report["stderr"] == os.devnull
+
+
 def test_stderr_after_adoption_is_safe(app: str, tmp_path: Path, spawned: Spawned) -> None:
     """After adoption the daemon's stderr no longer leads to the frontend: writing far more
     than a pipe holds, after the frontend closed its end, neither blocks nor breaks it."""
