@@ -112,7 +112,7 @@ def _check_runtime_dir(xdg: str, uid: int) -> None:
     """Verify ``$XDG_RUNTIME_DIR``; the errors name the variable."""
     try:
         st = os.lstat(xdg)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # also: below a file
         raise FileNotFoundError(
             errno.ENOENT,
             "XDG_RUNTIME_DIR names a directory that does not exist "
@@ -438,9 +438,11 @@ class _Backend:
                 st = _checked_lstat(directory, uid)  # raises, naming what is wrong
             if where != directory:  # the socket lives in the short fallback directory
                 st = _checked_lstat(where, uid)
-        except FileNotFoundError:  # no runtime dir (logged out) or no endpoint dir yet
+        except (FileNotFoundError, NotADirectoryError):
+            # No runtime dir (logged out), no endpoint dir yet, or a runtime dir that is a
+            # file: an unsafe runtime dir is reported as such (naming the variable).
             try:
-                _directory(check=True, uid=uid)  # an unsafe runtime dir is reported as such
+                _directory(check=True, uid=uid)
             except FileNotFoundError:
                 pass
             return None

@@ -763,24 +763,34 @@ def test_status_unsafe_runtime_dir(env: dict[str, str], app: str, runtime: Path)
 
 
 @posix_only
-@pytest.mark.parametrize("how", ["missing", "file", "unsafe"])
+@pytest.mark.parametrize("how", ["missing", "file", "below-a-file", "unsafe"])
 def test_broken_runtime_dir_is_named(
     env: dict[str, str], app: str, runtime: Path, how: str
 ) -> None:
-    """serve and status say in one line what is wrong with XDG_RUNTIME_DIR; exit 2."""
+    """serve, send, status and stop say in one line what is wrong with XDG_RUNTIME_DIR,
+    naming the variable and the directory; exit 2; nothing is created, nothing started."""
     target = runtime / "xdg"
-    if how == "file":
+    if how in ("file", "below-a-file"):
         target.write_text("")
     elif how == "unsafe":
         target.mkdir(mode=0o755)
         os.chmod(target, 0o755)
+    if how == "below-a-file":
+        target = target / "sub"
     env = dict(env, XDG_RUNTIME_DIR=str(target))
-    want = {"missing": "does not exist", "file": "not a directory", "unsafe": "mode 0755"}[how]
-    for args in (["serve", app], ["status", app]):
+    want = {
+        "missing": "does not exist",
+        "file": "not a directory",
+        "below-a-file": "does not exist",
+        "unsafe": "mode 0755",
+    }[how]
+    for args in (["serve", app], ["send", app, "hi"], ["status", app], ["stop", app]):
         result = cli(env, *args)
         assert_clean_error(result, "XDG_RUNTIME_DIR", want, str(target))
-        assert len(result.stderr.splitlines()) == 1, result.stderr
-    assert not (runtime / "xdg" / "dockpoint").exists()
+        assert len(result.stderr.splitlines()) == 1, (args, result.stderr)
+    assert sorted(os.listdir(runtime)) == (["xdg"] if how != "missing" else [])
+    if LINUX:
+        assert daemon_processes(app, serving=False) == set()
 
 
 # --------------------------------------------------------------------------- stop

@@ -846,6 +846,28 @@ def test_missing_runtime_dir_means_nobody(tmp_path: Path, monkeypatch: pytest.Mo
     assert info.value.filename == str(tmp_path / "logged-out")
 
 
+@pytest.mark.parametrize("below", [False, True])
+def test_runtime_dir_that_is_a_file_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, below: bool
+) -> None:
+    """``XDG_RUNTIME_DIR`` naming a file (or a path below one): connect and claim raise
+    the documented errors naming the variable, not a bare ``NotADirectoryError``."""
+    (tmp_path / "file").write_text("")
+    xdg = str(tmp_path / "file" / "sub" if below else tmp_path / "file")
+    monkeypatch.setenv("XDG_RUNTIME_DIR", xdg)
+    if below:  # as a missing runtime dir: nobody there, and claim names the variable
+        assert dockpoint.connect("app") is None
+        with pytest.raises(FileNotFoundError) as missing:
+            dockpoint.claim("app")
+        assert "XDG_RUNTIME_DIR" in str(missing.value) and missing.value.filename == xdg
+        return
+    for call in (dockpoint.connect, dockpoint.claim):
+        with pytest.raises(PermissionError) as info:
+            call("app")
+        assert "XDG_RUNTIME_DIR" in str(info.value) and "not a directory" in str(info.value)
+        assert info.value.filename == xdg
+
+
 def test_holder_pid_probe(runtime: Path, app: str) -> None:
     d = str(endpoint_dir(runtime))
     stem = f"{app}@default"
