@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
-import shutil
 import signal
 import socket
 import stat
@@ -269,44 +269,81 @@ def test_fallback_location_is_documented_and_private(no_xdg: Path) -> None:
         assert stat.S_IMODE(os.lstat(dp.address).st_mode) & 0o077 == 0
 
 
+def uid_without_fallback() -> int:
+    """A uid that has no fallback directory (``/tmp/dockpoint-<uid>``) and no
+    ``/run/user/<uid>``: its fallback is in ``/tmp`` and nothing is there, whatever other
+    runs (the README demo as root, say) left in ``/tmp`` for real users."""
+    for uid in range(61000, 62000):
+        if not os.path.lexists(f"/tmp/dockpoint-{uid}") and not os.path.lexists(f"/run/user/{uid}"):
+            return uid
+    raise AssertionError("every uid 61000-61999 has a /tmp/dockpoint-<uid>")
+
+
+#: Run as the victim uid (argv[1]) without XDG_RUNTIME_DIR: claim and connect ``argv[2]``,
+#: print what each raised. Everything is imported before dropping root (the interpreter's
+#: files may not be readable by that uid).
+AS_VICTIM = """
+import json, os, sys
+import dockpoint, dockpoint._posix_claim, fcntl, select
+uid, app = int(sys.argv[1]), sys.argv[2]
+os.setgroups([]); os.setgid(uid); os.setuid(uid)
+out = {"address": dockpoint.address(app)}
+for name, call in (("claim", dockpoint.claim), ("connect", dockpoint.connect)):
+    try:
+        got = call(app)
+        out[name] = ["no error", repr(got)]
+    except OSError as exc:
+        out[name] = [type(exc).__name__, exc.filename, str(exc)]
+print(json.dumps(out))
+"""
+
+
 @as_root
 @pytest.mark.parametrize("kind", ["directory", "symlink"])
-def test_planted_fallback_directory_is_refused(no_xdg: Path, kind: str) -> None:
-    if not str(no_xdg).startswith("/tmp/"):
-        pytest.skip(f"the fallback here is {no_xdg}, not in /tmp")
-    if os.path.lexists(no_xdg):
-        if not conftest.PRIVATE_TMP:
-            pytest.skip(f"{no_xdg} exists already; not touching a real user's directory")
-        # This session's own /tmp (a private tmpfs): what an earlier test left is ours.
-        if os.path.islink(no_xdg):
-            os.unlink(no_xdg)
-        else:
-            shutil.rmtree(no_xdg)
+def test_planted_fallback_directory_is_refused(kind: str) -> None:
+    """Another user (65534) plants the victim's fallback directory before the victim's
+    first use: a 0777 directory of its own, or a symbolic link to one. The victim's claim
+    and connect refuse it (PermissionError naming it) and put nothing in it. The victim is
+    a uid with no fallback yet, so the test runs whatever /tmp holds, on every OS."""
+    victim = uid_without_fallback()
+    planted = f"/tmp/dockpoint-{victim}"
     bait = f"/tmp/dockpoint-bait-{uuid.uuid4().hex[:8]}"
     plant = f"import os; os.mkdir({bait!r}, 0o777); os.chmod({bait!r}, 0o777)\n" + (
-        f"os.mkdir({str(no_xdg)!r}, 0o777); os.chmod({str(no_xdg)!r}, 0o777)\n"
+        f"os.mkdir({planted!r}, 0o777); os.chmod({planted!r}, 0o777)\n"
         if kind == "directory"
-        else f"os.symlink({bait!r}, {str(no_xdg)!r})\n"
+        else f"os.symlink({bait!r}, {planted!r})\n"
     )
     try:
         done = as_nobody(plant)
         assert done.returncode == 0, done.stderr
-        assert os.lstat(no_xdg).st_uid == NOBODY
+        assert os.lstat(planted).st_uid == NOBODY
         app = "t" + uuid.uuid4().hex[:12]
-        with pytest.raises(PermissionError) as info:
-            dockpoint.claim(app)
-        assert info.value.filename == str(no_xdg)
-        assert "owned by uid 65534" in str(info.value) or "symbolic link" in str(info.value)
-        with pytest.raises(PermissionError):
-            dockpoint.connect(app)
+        env = child_env()
+        env.pop("XDG_RUNTIME_DIR", None)
+        run = subprocess.run(
+            [sys.executable, "-c", AS_VICTIM, str(victim), app],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env=env,
+            cwd="/",
+        )
+        assert run.returncode == 0, run.stderr
+        out = json.loads(run.stdout)
+        assert os.path.dirname(out["address"]) == planted
+        why = "owned by uid 65534" if kind == "directory" else "symbolic link"
+        for call in ("claim", "connect"):
+            kind_of_error, filename, text = out[call]
+            assert (kind_of_error, filename) == ("PermissionError", planted), out
+            assert why in text, out
         assert os.listdir(bait) == []
         if kind == "directory":
-            assert os.listdir(no_xdg) == []
+            assert os.listdir(planted) == []
     finally:
-        if os.path.islink(no_xdg):
-            os.unlink(no_xdg)
-        elif os.path.isdir(no_xdg):
-            os.rmdir(no_xdg)
+        if os.path.islink(planted):
+            os.unlink(planted)
+        elif os.path.isdir(planted):
+            os.rmdir(planted)
         if os.path.isdir(bait):
             os.rmdir(bait)
 
