@@ -837,6 +837,25 @@ def test_stop_on_every_os(env: dict[str, str], app: str, servers: list[Server]) 
     assert b"nothing to stop" in again.stdout
 
 
+@pytest.mark.parametrize("flag", ["-i", "--instance"])
+def test_stop_instance(env: dict[str, str], app: str, servers: list[Server], flag: str) -> None:
+    """``stop --instance`` stops the holder of that instance, only that one."""
+    default, second = Server(env, app), Server(env, app, "--instance", "second")
+    servers.extend((default, second))
+    default.wait_ready()
+    second.wait_ready()
+    result = cli(env, "stop", app, flag, "second")
+    assert result.returncode == 0, result
+    assert b"stopped %s@second (pid %d " % (app.encode(), second.proc.pid) in result.stdout
+    second.proc.wait(CLI_TIMEOUT)
+    assert default.proc.poll() is None
+    conn = dockpoint.connect(app)
+    assert conn is not None and conn.peer_pid == default.proc.pid
+    conn.close()
+    again = cli(env, "stop", app, flag, "second")
+    assert again.returncode == 1, again
+
+
 STUBBORN = """
 import dockpoint, signal, sys
 signal.signal(signal.SIGTERM, signal.SIG_IGN)
