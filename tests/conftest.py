@@ -10,7 +10,8 @@ Session set-up (see ``pytest_configure``):
   mounts on ``/tmp`` and ``/run/user``, so the fallback-directory tests never meet what
   other runs left there (``DOCKPOINT_TEST_SHARED_TMP=1`` turns this off).
 - ``DOCKPOINT_TEST_INSTALLED=1`` (set by the nox sessions): fail unless ``dockpoint``
-  comes from the installed package, not from the checkout.
+  comes from the installed package (this interpreter's site-packages), not from the
+  checkout or any other directory on ``sys.path``.
 - With ``CI`` set, a skipped security test (``test_posix.py``, ``test_probe.py``) fails
   the run unless it was skipped for not being root or for being on another OS.
 """
@@ -22,6 +23,7 @@ import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import threading
 import time
@@ -42,10 +44,10 @@ SIMULATE_DIR = str(Path(__file__).resolve().parent / "simulate")
 MACOS_PATHS = "DOCKPOINT_TEST_MACOS_PATHS"
 #: Set once the session runs in its own mount namespace with a fresh /tmp.
 PRIVATE_TMP = False
-#: Skip reasons a security test may have: not root, or not this OS.
+#: Skip reasons a security test may have: not root, or not this OS (say "needs root",
+#: "POSIX backend only" or "Linux-only"/"macOS-only"/"Windows-only" in the reason).
 ALLOWED_SKIP = re.compile(
-    r"needs root|not root|POSIX backend only|-only|only on |Linux binds|not this OS|"
-    r"on Windows|on Linux|on macOS",
+    r"^(Skipped: )?(needs root|POSIX backend only|(Linux|macOS|Windows)-only)"
 )
 SECURITY_FILES = ("test_posix.py", "test_probe.py")
 _SKIPPED: list[tuple[str, str]] = []
@@ -66,10 +68,13 @@ def pytest_configure(config: pytest.Config) -> None:
     global PRIVATE_TMP, _SHORT_BASE
     if os.environ.get("DOCKPOINT_TEST_INSTALLED") == "1":
         where = Path(dockpoint.__file__).resolve()
-        if where.parent == CHECKOUT / "dockpoint":
+        site = {Path(sysconfig.get_path(key)).resolve() for key in ("purelib", "platlib")}
+        if where.parent.parent not in site:
+            what = "the checkout" if where.parent == CHECKOUT / "dockpoint" else "elsewhere"
             raise pytest.UsageError(
-                f"dockpoint was imported from the checkout ({where}), not from the installed "
-                "package: run pytest from outside the repository (see noxfile.py)"
+                f"dockpoint was imported from {what} ({where}), not from the package installed "
+                f"in {' or '.join(sorted(map(str, site)))}: run pytest from outside the "
+                "repository, without PYTHONPATH (see noxfile.py)"
             )
     if config.getoption("--simulate-macos-paths"):
         os.environ[MACOS_PATHS] = "1"
