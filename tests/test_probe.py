@@ -141,7 +141,7 @@ def test_missing_socket_replaced_under_a_live_holder(
     assert found.pid == pid
 
 
-@pytest.mark.skipif(not LINUX, reason="fills the Linux backlog; macOS/BSD refuse instead")
+@pytest.mark.skipif(not LINUX, reason="Linux-only: fills the backlog; macOS/BSD refuse instead")
 def test_busy_when_the_backlog_is_full(runtime: Path, app: str, children: list[Child]) -> None:
     import resource
 
