@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-from conftest import Child, child_env, run_python
+from conftest import Child, child_env, claimed, run_python
 
 import dockpoint
 import dockpoint.aio
@@ -197,7 +197,7 @@ def test_open_connection_timeout_waits_for_a_server_that_comes(app: str) -> None
 def test_open_connection_waits_for_a_busy_daemon_instead_of_saying_none(app: str) -> None:
     """A full backlog means a busy daemon, not "nobody there": a wrong ``None`` would
     make a frontend spawn a second daemon."""
-    with dockpoint.claim(app) as dp:
+    with claimed(app) as dp:
         queued: list[socket.socket] = []
         try:
             while True:  # fill the kernel's backlog; the daemon accepts nobody yet
@@ -657,7 +657,7 @@ def test_open_connection_checks_the_directory(runtime: Path, app: str) -> None:
 
 @pytest.mark.skipif(not WINDOWS, reason="the Windows backend has no selectable descriptor")
 def test_fileno_is_unsupported_on_windows(app: str) -> None:
-    with dockpoint.claim(app) as dp:
+    with claimed(app) as dp:
         with pytest.raises(io.UnsupportedOperation):
             dp.fileno()
         conn = dockpoint.connect(app)
@@ -672,7 +672,7 @@ def test_fileno_is_unsupported_on_windows(app: str) -> None:
 
 @posix_only
 def test_fileno_works_with_selectors(app: str) -> None:
-    with dockpoint.claim(app) as dp, selectors.DefaultSelector() as sel:
+    with claimed(app) as dp, selectors.DefaultSelector() as sel:
         sel.register(dp, selectors.EVENT_READ, "listener")
         assert sel.select(0) == []  # nobody waiting
         conn = dockpoint.connect(app)
@@ -709,7 +709,7 @@ def test_many_threads_in_accept_serve_every_client_exactly_once(app: str) -> Non
     threads, clients = 8, 400
     seen: Counter[bytes] = Counter()
     lock = threading.Lock()
-    with dockpoint.claim(app) as dp:
+    with claimed(app) as dp:
 
         def serve() -> None:
             while True:

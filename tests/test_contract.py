@@ -53,7 +53,7 @@ def test_claim_returns_dockpoint_and_second_claim_gets_none(app: str) -> None:
 
 def test_refused_second_claim_does_not_lose_the_first(app: str) -> None:
     # 0.1.0a0 lost its lock here: closing any descriptor of the lock file dropped it.
-    with dockpoint.claim(app) as dp:
+    with claimed(app) as dp:
         for _ in range(3):
             assert dockpoint.claim(app) is None
         t = serve_once(dp)
@@ -67,14 +67,13 @@ def test_refused_second_claim_does_not_lose_the_first(app: str) -> None:
 
 
 def test_instances_are_independent(app: str) -> None:
-    with dockpoint.claim(app) as a, dockpoint.claim(app, "other") as b:
-        assert a is not None and b is not None
+    with claimed(app) as a, claimed(app, "other") as b:
         assert a.address != b.address
         assert dockpoint.claim(app, "other") is None
 
 
 def test_names_are_case_insensitive(app: str) -> None:
-    with dockpoint.claim(app.upper()) as dp:
+    with claimed(app.upper()) as dp:
         assert dockpoint.claim(app.lower()) is None
         t = serve_once(dp, b"same")
         conn = dockpoint.connect(app.lower(), timeout=10)
@@ -98,7 +97,7 @@ def test_address_is_where_the_endpoint_lives(app: str) -> None:
     assert isinstance(where, str)
     assert where == dockpoint.address(app.upper(), "DEFAULT")
     assert where != dockpoint.address(app, "other")
-    with dockpoint.claim(app) as dp:
+    with claimed(app) as dp:
         assert dp.address == where
         assert repr(where) in repr(dp)
 
@@ -123,7 +122,7 @@ def test_connect_with_timeout_waits_for_a_daemon_that_comes(app: str) -> None:
     t.start()
     wait_blocked(t)  # it found nobody and sleeps before trying again
     assert not got
-    with dockpoint.claim(app) as dp:
+    with claimed(app) as dp:
         conn = dp.accept(timeout=20)
         t.join(20)
         assert got and got[0] is not None
@@ -134,7 +133,7 @@ def test_connect_with_timeout_waits_for_a_daemon_that_comes(app: str) -> None:
 
 
 def test_round_trip_and_peer_pids(app: str) -> None:
-    with dockpoint.claim(app) as dp:
+    with claimed(app) as dp:
         client, server = pair(dp, app)
         with client, server:
             assert client.write(b"ping") == 4
@@ -151,7 +150,7 @@ def test_peer_pid_of_another_process(app: str, children: list[Child]) -> None:
         "c = dockpoint.connect(sys.argv[1], timeout=20)\n"
         "print(c.peer_pid); c.write(b'hi'); c.read(); c.close()\n"
     )
-    with dockpoint.claim(app) as dp:
+    with claimed(app) as dp:
         child = Child(code, app)
         children.append(child)
         with dp.accept(timeout=20) as conn:
@@ -165,7 +164,7 @@ def test_peer_pid_of_another_process(app: str, children: list[Child]) -> None:
 
 
 def test_read_returns_at_most_max_bytes(app: str) -> None:
-    with dockpoint.claim(app) as dp:
+    with claimed(app) as dp:
         client, server = pair(dp, app)
         with client, server:
             client.write(b"0123456789")
@@ -178,7 +177,7 @@ def test_read_returns_at_most_max_bytes(app: str) -> None:
 
 
 def test_read_returns_empty_at_end_of_stream(app: str) -> None:
-    with dockpoint.claim(app) as dp:
+    with claimed(app) as dp:
         client, server = pair(dp, app)
         client.write(b"last")
         client.close()
@@ -189,7 +188,7 @@ def test_read_returns_empty_at_end_of_stream(app: str) -> None:
 
 
 def test_read_blocks_until_data_arrives(app: str) -> None:
-    with dockpoint.claim(app) as dp:
+    with claimed(app) as dp:
         client, server = pair(dp, app)
         with client, server:
             got: list[bytes] = []
@@ -203,7 +202,7 @@ def test_read_blocks_until_data_arrives(app: str) -> None:
 
 
 def test_read_timeout(app: str) -> None:
-    with dockpoint.claim(app) as dp:
+    with claimed(app) as dp:
         client, server = pair(dp, app)
         with client, server:
             start = time.monotonic()
@@ -219,7 +218,7 @@ def test_read_timeout(app: str) -> None:
 def test_write_takes_any_bytes_like_and_writes_everything(app: str) -> None:
     big = os.urandom(3 * 1024 * 1024 + 7)  # more than any socket or pipe buffer
     ints = array.array("i", range(1000))
-    with dockpoint.claim(app) as dp:
+    with claimed(app) as dp:
         client, server = pair(dp, app)
         with client, server:
             received = bytearray()
@@ -249,7 +248,7 @@ def test_write_takes_any_bytes_like_and_writes_everything(app: str) -> None:
 
 @pytest.mark.parametrize("bad", ["text", 42, None, [1, 2]])
 def test_write_rejects_non_bytes(app: str, bad: object) -> None:
-    with dockpoint.claim(app) as dp:
+    with claimed(app) as dp:
         client, server = pair(dp, app)
         with client, server, pytest.raises(TypeError, match="bytes-like"):
             client.write(bad)  # type: ignore[arg-type]
@@ -260,7 +259,7 @@ def test_write_rejects_non_bytes(app: str, bad: object) -> None:
     [(0, ValueError), (-1, ValueError), ("1", TypeError), (1.5, TypeError), (True, TypeError)],
 )
 def test_read_rejects_bad_max_bytes(app: str, bad: object, error: type[Exception]) -> None:
-    with dockpoint.claim(app) as dp:
+    with claimed(app) as dp:
         client, server = pair(dp, app)
         with client, server:
             with pytest.raises(error, match="max_bytes"):
@@ -276,7 +275,7 @@ def test_read_rejects_bad_max_bytes(app: str, bad: object, error: type[Exception
 def test_bad_timeouts_are_refused(app: str, bad: object, error: type[Exception]) -> None:
     with pytest.raises(error, match="timeout"):
         dockpoint.connect(app, timeout=bad)  # type: ignore[arg-type]
-    with dockpoint.claim(app) as dp:
+    with claimed(app) as dp:
         with pytest.raises(error, match="timeout"):
             dp.accept(timeout=bad)  # type: ignore[arg-type]
         client, server = pair(dp, app)
@@ -285,7 +284,7 @@ def test_bad_timeouts_are_refused(app: str, bad: object, error: type[Exception])
 
 
 def test_huge_max_bytes_is_not_an_allocation(app: str) -> None:
-    with dockpoint.claim(app) as dp:
+    with claimed(app) as dp:
         client, server = pair(dp, app)
         with client, server:
             client.write(b"small")
@@ -296,7 +295,7 @@ def test_huge_max_bytes_is_not_an_allocation(app: str) -> None:
 
 
 def test_accept_timeout(app: str) -> None:
-    with dockpoint.claim(app) as dp:
+    with claimed(app) as dp:
         start = time.monotonic()
         with pytest.raises(TimeoutError):
             dp.accept(timeout=0.2)
@@ -393,7 +392,7 @@ def test_close_is_idempotent_and_use_after_close_raises(app: str) -> None:
 
 
 def test_context_managers_close(app: str) -> None:
-    with dockpoint.claim(app) as dp:
+    with claimed(app) as dp:
         client, server = pair(dp, app)
         with client as c, server as s:
             assert c is client and s is server
@@ -403,7 +402,7 @@ def test_context_managers_close(app: str) -> None:
 
 
 def test_writing_to_a_closed_peer_raises_broken_pipe(app: str) -> None:
-    with dockpoint.claim(app) as dp:
+    with claimed(app) as dp:
         client, server = pair(dp, app)
         server.close()
         with client, pytest.raises(BrokenPipeError):

@@ -909,7 +909,7 @@ def test_holder_pid_probe(runtime: Path, app: str) -> None:
     d = str(endpoint_dir(runtime))
     stem = f"{app}@default"
     assert not _posix._holder_alive(d, stem)  # no lock file
-    with dockpoint.claim(app):
+    with claimed(app):
         assert _posix._holder_alive(d, stem)
     assert not _posix._holder_alive(d, stem)  # released: emptied
     Path(d, stem + ".lock").write_text("999999999\n")  # a crashed holder's dead pid
