@@ -933,15 +933,21 @@ def test_stop_never_signals_a_pid_that_does_not_hold_the_claim(
 @pytest.mark.skipif(not LINUX, reason="reads /proc/<pid>/fd: Linux-only")
 def test_spawned_daemon_is_detached(env: dict[str, str], app: str, daemons: Daemons) -> None:
     """The daemon ``send`` starts has its own session and process group, its standard
-    streams on the null device, and none of the frontend's descriptors."""
-    read_end, write_end = os.pipe()  # an inheritable descriptor of the frontend
+    streams on the null device (not the frontend's stdin pipe or captured output), and
+    none of the frontend's inheritable descriptors (one low, one high: a descriptor the
+    daemon's own set-up reuses would hide a leak)."""
+    import fcntl
+
+    read_end, write_end = os.pipe()  # inheritable descriptors of the frontend
+    high = fcntl.fcntl(write_end, fcntl.F_DUPFD, 200)
     try:
         result = subprocess.run(
             [sys.executable, "-m", "dockpoint", "send", app, "hi"],
             env=env,
+            input=b"",  # the frontend's stdin is a pipe
             capture_output=True,
             timeout=CLI_TIMEOUT,
-            pass_fds=(write_end,),
+            pass_fds=(write_end, high),
             check=False,
         )
         assert result.returncode == 0, result
@@ -950,7 +956,7 @@ def test_spawned_daemon_is_detached(env: dict[str, str], app: str, daemons: Daem
         assert os.getsid(pid) == pid, "the daemon is not a session leader"
         assert os.getpgid(pid) == pid, "the daemon is not its own process group leader"
         assert os.getsid(pid) != os.getsid(0)
-        ours = os.fstat(write_end)
+        ours = f"pipe:[{os.fstat(write_end).st_ino}]"
         links = {}
         for fd in os.listdir(f"/proc/{pid}/fd"):
             try:
@@ -959,11 +965,10 @@ def test_spawned_daemon_is_detached(env: dict[str, str], app: str, daemons: Daem
                 continue
         for fd in (0, 1, 2):
             assert links.get(fd) == os.devnull, (fd, links)
-        assert f"pipe:[{ours.st_ino}]" not in links.values(), links
-        assert write_end not in links or links[write_end] != f"pipe:[{ours.st_ino}]"
+        assert ours not in links.values(), (ours, links)
     finally:
-        os.close(read_end)
-        os.close(write_end)
+        for fd in (read_end, write_end, high):
+            os.close(fd)
 
 
 # --------------------------------------------------------------------------- serve
