@@ -109,3 +109,14 @@ def test_a_security_test_skipped_for_another_reason_fails_the_run(
     assert "security tests skipped for a reason other than root/OS" in bad.stderr, bad.stderr
     assert f"test_posix.py::test_flaky: Skipped: {reason}" in bad.stderr, bad.stderr
     assert "test_needs_root" not in bad.stderr and "test_other_os" not in bad.stderr
+
+
+def test_the_installed_version_is_the_one_version_string() -> None:
+    """The wheel's version (flit reads ``__version__``) is ``dockpoint.__version__``."""
+    if os.environ.get("DOCKPOINT_TEST_INSTALLED") != "1":
+        pytest.skip("needs the installed package: the nox sessions set DOCKPOINT_TEST_INSTALLED=1")
+    from importlib.metadata import version
+
+    import dockpoint
+
+    assert version("dockpoint") == dockpoint.__version__
