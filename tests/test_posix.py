@@ -793,7 +793,14 @@ for spare in range(1, 9):  # run out of descriptors at every step of claim()
         os.close(fd)
     if dp is not None:
         dp.close()
-    left = sorted(os.listdir(os.path.dirname(dockpoint.address(app))))
+    # The endpoint's files: its directory, and where the socket is in the shared short
+    # fallback (macOS paths), the entries there named after this endpoint's socket.
+    home = os.path.join(os.environ["XDG_RUNTIME_DIR"], "dockpoint")
+    where, sock = os.path.split(dockpoint.address(app))
+    left = set(os.listdir(home))
+    if where != home and os.path.isdir(where):  # the fallback is made by the first bind
+        left.update(n for n in os.listdir(where) if n.startswith(sock[: -len(".sock")] + "."))
+    left = sorted(left)
     again = dockpoint.claim(app)
     print(spare, left, again is not None, flush=True)
     again.close()
