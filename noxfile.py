@@ -31,10 +31,11 @@ def _found(version: str) -> bool:
 
 MISSING = [v for v in PYTHONS if not _found(v)]
 if MISSING:
-    what = "fails" if os.environ.get("CI") else "skips"
+    what = "fail (CI is set)" if os.environ.get("CI") else "are skipped (set CI=1 to fail)"
     sys.stderr.write(
-        f"nox: Python {', '.join(MISSING)} not found on PATH: nox {what} "
-        f"{', '.join('tests-' + v for v in MISSING)} (install them, or set CI=1 to fail)\n"
+        f"nox: Python {', '.join(MISSING)} not found on PATH: "
+        f"{', '.join('tests-' + v for v in MISSING)} {what} when run; install them, "
+        "or name an interpreter with --force-python\n"
     )
 
 
