@@ -837,6 +837,23 @@ def test_stop_on_every_os(env: dict[str, str], app: str, servers: list[Server]) 
     assert b"nothing to stop" in again.stdout
 
 
+def test_stop_a_detached_daemon_that_send_started(
+    env: dict[str, str], app: str, daemons: Daemons
+) -> None:
+    """The README demo's ending: ``stop`` ends the detached daemon ``send`` started (POSIX:
+    SIGTERM; Windows: TerminateProcess), and the endpoint is free afterwards."""
+    sent = cli(env, "send", app, "hello")
+    assert sent.returncode == 0, sent
+    pid = daemons.add(reply_pid(sent.stdout, "hello"))
+    result = cli(env, "stop", app)
+    assert result.returncode == 0, result
+    assert b"pid %d released the claim and exited" % pid in result.stdout, result.stdout
+    assert wait_gone(pid, CLI_TIMEOUT), "the daemon still runs after stop"
+    freed = dockpoint.claim(app)
+    assert freed is not None
+    freed.close()
+
+
 @pytest.mark.parametrize("flag", ["-i", "--instance"])
 def test_stop_instance(env: dict[str, str], app: str, servers: list[Server], flag: str) -> None:
     """``stop --instance`` stops the holder of that instance, only that one."""
@@ -1061,7 +1078,6 @@ if "DOCKPOINT_HANDOVER" in os.environ:
 """
 
 
-@posix_only
 def test_send_reports_the_daemon_error(env: dict[str, str], app: str, tmp_path: Path) -> None:
     """A daemon that fails at start: ``send`` says so at once, with the daemon's exit
     status and its own error line, and leaves the endpoint free."""
@@ -1082,7 +1098,6 @@ def test_send_reports_the_daemon_error(env: dict[str, str], app: str, tmp_path: 
     dp.close()
 
 
-@posix_only
 def test_send_timeout_zero_leaves_no_daemon(env: dict[str, str], app: str) -> None:
     """``send --timeout 0`` gives up at once; the daemon it started for nothing is stopped."""
     result = cli(env, "send", app, "hello", "--timeout", "0", "-v")
