@@ -3,6 +3,7 @@ strict umasks, and signals landing at every step of claim() and close()."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import os
@@ -14,9 +15,11 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import lock_file, run_python, wait_blocked
+from conftest import child_env, lock_file, run_python, wait_blocked
 
 import dockpoint
+import dockpoint.aio
+from dockpoint._cli import daemon_command
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX backend")
 
@@ -135,6 +138,46 @@ def test_long_and_infinite_timeouts_wait_and_work(app: str, timeout: float) -> N
             reader.join(10)
             assert reader.error is None, reader.error
             assert reader.result == b"ping"
+
+
+@pytest.mark.parametrize("timeout", LONG, ids=["inf", "1e300", "2^31ms", "10^400", "30d"])
+def test_long_and_infinite_timeouts_of_probe_stop_spawn_and_aio(
+    app: str, timeout: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PYTHONPATH", child_env()["PYTHONPATH"])  # the daemon's dockpoint
+    argv = daemon_command(app, "default", 60.0)
+    assert dockpoint.probe(app, timeout=timeout).state == "absent"
+    assert dockpoint.stop(app, timeout=timeout) is None
+    try:
+        spawner = Runner(lambda: dockpoint.connect_or_spawn(app, argv, timeout=timeout))
+        spawner.start()  # waits for the daemon it starts to adopt the endpoint
+        spawner.join(30)
+        assert not spawner.is_alive(), "connect_or_spawn still waiting 30 s later"
+        assert spawner.error is None, spawner.error
+        conn = spawner.result
+        assert isinstance(conn, dockpoint.DockpointConnection)
+        with conn:
+            pid = conn.peer_pid
+            found = dockpoint.probe(app, timeout=timeout)  # knocks at a live holder
+            assert (found.state, found.pid) == ("listening", pid), found
+            with dockpoint.connect_or_spawn(app, argv, timeout=timeout) as again:
+                assert again.peer_pid == pid  # found it: no second daemon
+
+            async def streams() -> object:
+                got = await dockpoint.aio.open_connection(app, timeout=timeout)
+                assert got is not None
+                got[1].close()
+                await got[1].wait_closed()
+                return got
+
+            assert asyncio.run(asyncio.wait_for(streams(), 30)) is not None
+        stopper = Runner(lambda: dockpoint.stop(app, timeout=timeout))
+        stopper.start()
+        stopper.join(30)
+        assert not stopper.is_alive(), "stop still waiting 30 s later"
+        assert (stopper.error, stopper.result) == (None, pid)
+    finally:
+        dockpoint.stop(app, timeout=10)
 
 
 @pytest.mark.parametrize("timeout", [0, 0.0, 1e-9, 5e-324])
