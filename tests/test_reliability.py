@@ -266,6 +266,71 @@ def test_a_held_claim_costs_three_descriptors_until_a_thread_waits(app: str) -> 
     assert count() == before
 
 
+# --------------------------------------------------------------------------- also: look-ups
+
+
+def _proc_alias() -> bool:
+    from dockpoint import _posix
+
+    return bool(_posix._PROC_ALIAS)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="binds through /proc/self/fd")
+def test_claim_binds_and_renames_in_the_directory_it_checked(
+    runtime: Path, app: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not _proc_alias():
+        pytest.skip("no /proc/self/fd alias (simulated macOS paths): binds by path")
+    from dockpoint import _posix_claim
+
+    endpoint, checked = runtime / "dockpoint", runtime / "checked"
+    real = _posix_claim._bind
+
+    def swap_then_bind(dfd: int, where: str, name: str) -> object:
+        os.rename(endpoint, checked)  # the directory claim() checked and opened moves away
+        endpoint.mkdir(mode=0o700)  # and another takes its path
+        return real(dfd, where, name)
+
+    monkeypatch.setattr(_posix_claim, "_bind", swap_then_bind)
+    dp = dockpoint.claim(app)
+    assert dp is not None
+    with dp:
+        name = os.path.basename(dp.address)
+        assert stat.S_ISSOCK(os.lstat(checked / name).st_mode)  # bound and renamed there
+        assert os.listdir(endpoint) == []  # nothing reached the directory now at the path
+
+
+def test_claim_refuses_a_runtime_dir_swapped_after_its_check(
+    runtime: Path, app: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dockpoint import _posix_claim
+
+    xdg = Path(os.environ["XDG_RUNTIME_DIR"])
+    moved = xdg.parent / (xdg.name + ".checked")
+    real = _posix_claim._directory
+    swaps = []
+
+    def check_then_swap(check: bool, uid: int) -> str:
+        got = real(check=check, uid=uid)  # XDG_RUNTIME_DIR checked: the user's own, 0700
+        if check and not swaps:
+            os.rename(xdg, moved)
+            xdg.mkdir()
+            os.chmod(xdg, 0o777)  # one anybody can write takes its path
+            swaps.append(got)
+        return got
+
+    monkeypatch.setattr(_posix_claim, "_directory", check_then_swap)
+    try:
+        with pytest.raises(PermissionError, match="unsafe directory"):
+            dockpoint.claim(app)
+        assert swaps, "the claim never checked XDG_RUNTIME_DIR"
+        assert os.listdir(xdg) == []  # nothing was made in it
+    finally:
+        if swaps:
+            shutil.rmtree(xdg)
+            os.rename(moved, xdg)
+
+
 # --------------------------------------------------------------------------- item 3
 
 EXIT_WITH_CYCLE = """
