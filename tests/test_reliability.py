@@ -225,6 +225,27 @@ def test_bad_timeouts_are_refused_on_every_call(app: str, timeout: object, error
             server.read(timeout=timeout)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(
+    ("timeout", "error"),
+    [(math.nan, ValueError), (-1e-9, ValueError), (-math.inf, ValueError), (True, TypeError)],
+)
+def test_bad_timeouts_are_refused_by_probe_stop_spawn_and_aio(
+    app: str, timeout: object, error: type
+) -> None:
+    import dockpoint.aio
+
+    never = [sys.executable, "-c", "raise SystemExit('must not start')"]
+    with pytest.raises(error):
+        dockpoint.probe(app, timeout=timeout)  # type: ignore[arg-type]
+    with pytest.raises(error):
+        dockpoint.stop(app, timeout=timeout)  # type: ignore[arg-type]
+    with pytest.raises(error):
+        dockpoint.connect_or_spawn(app, never, timeout=timeout)  # type: ignore[arg-type]
+    with pytest.raises(error):
+        asyncio.run(dockpoint.aio.open_connection(app, timeout=timeout))  # type: ignore[arg-type]
+    assert dockpoint.probe(app).state == "absent"  # nothing was started or made
+
+
 @pytest.mark.parametrize("wait", LONG, ids=["inf", "1e300", "2^31ms", "10^400", "30d"])
 def test_claim_wait_long_on_a_free_name_claims_at_once(app: str, wait: float) -> None:
     dp = dockpoint.claim(app, wait=wait)
