@@ -30,6 +30,7 @@ from ._posix import (  # noqa: E402
     _LOCK_SH,
     _LOCK_UN,
     _POLLIN,
+    _SLICE,
     _SO_NOSIGPIPE,
     CHECK_INTERVAL,
     _bind_directory,
@@ -547,7 +548,9 @@ def _knock(where: str, name: str, timeout: float | None) -> tuple[str, int | Non
         target = _bind_directory(where, name, dfd) + "/" + name
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # _socket: no "with"
         try:
-            sock.settimeout(timeout)
+            # A slice at most (settimeout overflows past time_t): the connect of a Unix
+            # socket either completes, is refused or (Linux, full backlog) fails at once.
+            sock.settimeout(None if timeout is None else min(timeout, _SLICE))
             try:
                 sock.connect(target)
             except (ConnectionRefusedError, FileNotFoundError):

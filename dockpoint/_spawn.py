@@ -443,7 +443,8 @@ class _Pipes:
     def wait(self, left: float) -> list[tuple[int, bytes]]:
         """Each pipe with output (``b""``: end of file) within ``left`` seconds."""
         if sys.platform != "win32":
-            ms = None if left == float("inf") else max(0, int(left * 1000) + 1)
+            # At most an hour a poll (poll takes a C int of ms): the caller's loop goes on.
+            ms = max(0, int(min(left, 3600.0) * 1000) + 1)
             return [(fd, os.read(fd, 4096)) for fd, _ in self._poller.poll(ms)]
         deadline = monotonic() + left
         while True:
