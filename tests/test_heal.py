@@ -98,6 +98,9 @@ def start_daemon(children: list[Child], app: str, *info: str) -> Child:
 # --------------------------------------------------------------------------- socket heal
 
 LATENCIES: dict[str, list[float]] = {}
+#: Issue 12's bound: from the socket's deletion to a connect the daemon serves (it checks
+#: every 0.5 s, so about 0.5 s is expected).
+HEAL_BOUND = 1.0
 
 
 @pytest.mark.parametrize("how", ["deleted", "replaced"])
@@ -122,6 +125,7 @@ def test_a_deleted_or_replaced_socket_is_bound_again(
         seen.append(time.monotonic() - start)
     LATENCIES.setdefault(how, []).extend(seen)
     print(f"heal latency ({how}): " + ", ".join(f"{s * 1000:.0f} ms" for s in seen))
+    assert max(seen) < HEAL_BOUND, seen  # clients never see a live daemon absent for longer
     assert stat.S_IMODE(os.lstat(address).st_mode) in (0o1600, 0o600)
 
 
@@ -335,5 +339,6 @@ def test_a_storm_of_frontends_while_the_socket_is_deleted_starts_no_second_daemo
     nones, served, claimed, other = totals
     print(f"storm: heal {[round(s * 1000) for s in seen]} ms; {nones} None, {served} served")
     assert claimed == 0 and other == 0, totals  # no second daemon, ever
+    assert max(seen) < HEAL_BOUND, seen
     assert served > 0
     assert served_by(app) == d.pid
