@@ -309,9 +309,23 @@ print("lost", lost, flush=True)
 """
 
 
-def test_probe_never_takes_the_claim(runtime: Path, app: str, children: list[Child]) -> None:
+def test_probe_never_takes_the_claim(
+    runtime: Path, app: str, children: list[Child], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A probe running all the time never makes a claim fail (a probe that took the lock,
-    even for an instant, would make some of these claims return None)."""
+    even for an instant, would make some of these claims return None), and it never asks
+    for a lock at all: an instant's lock rarely meets a claim, so that is checked too."""
+    import fcntl
+
+    locks: list[tuple[object, ...]] = []
+
+    def no_lock(*args: object) -> None:
+        locks.append(args)
+        raise AssertionError(f"probe asked for a lock: {args}")
+
+    for module, name in ((fcntl, "flock"), (fcntl, "lockf"), (os, "lockf")):
+        if hasattr(module, name):
+            monkeypatch.setattr(module, name, no_lock)
     stop = threading.Event()
     states: set[str] = set()
 
@@ -329,6 +343,8 @@ def test_probe_never_takes_the_claim(runtime: Path, app: str, children: list[Chi
         stop.set()
         prober.join(30)
     assert states <= {"absent", "listening", "missing-socket", "stale"}, states
+    assert "absent" in states  # probed while the lock was free (before the claimer ran)
+    assert locks == []
 
 
 def test_bad_arguments(runtime: Path) -> None:
