@@ -6,12 +6,13 @@ from __future__ import annotations
 import os
 import socket
 import stat
+import subprocess
 import sys
 import threading
 import time
 
 import pytest
-from conftest import Child, lock_file, wait_blocked
+from conftest import Child, child_env, lock_file, wait_blocked
 
 import dockpoint
 
@@ -284,6 +285,46 @@ def test_wait_gives_none_when_the_holder_keeps_it(app: str, children: list[Child
         assert len(os.listdir("/proc/self/fd")) == fds  # the attempts leaked nothing
     holder.send("close")
     holder.expect("closed")
+
+
+#: The new version of a daemon: finds the old one holding the claim, then waits for it.
+SUCCESSOR = r"""
+import os, sys, dockpoint
+first = dockpoint.claim(sys.argv[1], info=sys.argv[2])
+print("first", "held" if first is None else "free", flush=True)
+dp = first or dockpoint.claim(sys.argv[1], info=sys.argv[2], wait=60)
+print("ready" if dp else "none", flush=True)
+with dp.accept(timeout=30) as c:
+    c.write(b"%d" % os.getpid())
+sys.stdin.readline()
+"""
+
+
+def test_upgrade_stop_the_old_daemon_while_the_new_one_waits(
+    app: str, children: list[Child]
+) -> None:
+    """The README's upgrade path: start the new daemon with ``claim(wait=...)``, then
+    ``python -m dockpoint stop``; the new one takes over and probe shows its info."""
+    old = start_daemon(children, app, "myapp 1.0")
+    assert dockpoint.probe(app).info == "myapp 1.0"  # a frontend sees the old version
+    new = Child(SUCCESSOR, app, "myapp 2.0")
+    children.append(new)
+    new.expect("first held")  # the old daemon still serves: the new one waits
+    done = subprocess.run(
+        [sys.executable, "-m", "dockpoint", "stop", app, "--timeout", "10"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=child_env(),
+        check=False,
+    )
+    assert done.returncode == 0, (done.stdout, done.stderr)
+    assert f"pid {old.pid} released the claim" in done.stdout
+    assert old.proc.wait(10) == -15
+    new.expect("ready")
+    assert served_by(app) == new.pid
+    found = dockpoint.probe(app)
+    assert (found.state, found.pid, found.info) == ("listening", new.pid, "myapp 2.0")
 
 
 # --------------------------------------------------------------------------- storm
