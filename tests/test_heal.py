@@ -4,6 +4,7 @@ file ends the claim; ``claim(info=...)`` and ``claim(wait=...)``."""
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import stat
 import subprocess
@@ -12,7 +13,7 @@ import threading
 import time
 
 import pytest
-from conftest import Child, child_env, lock_file, wait_blocked
+from conftest import Child, child_env, lock_file, simulating_macos_paths, wait_blocked
 
 import dockpoint
 
@@ -143,6 +144,40 @@ def test_a_file_planted_at_the_socket_path_is_left_alone(app: str, children: lis
     os.unlink(address)
     wait_until(lambda: is_socket(address))
     assert served_by(app) == d.pid
+
+
+# --------------------------------------------------------------------------- tmpfiles
+
+
+@pytest.mark.skipif(shutil.which("systemd-tmpfiles") is None, reason="no systemd-tmpfiles")
+def test_tmpfiles_age_cleaning_skips_a_live_holders_directory(
+    runtime: os.PathLike[str], app: str, children: list[Child], tmp_path: os.PathLike[str]
+) -> None:
+    """systemd-tmpfiles --clean with age 0 (everything is old enough) on the runtime
+    directory: it empties what is not locked, and leaves the holder's directory whole."""
+    d = start_daemon(children, app)
+    directory = lock_file(app).parent
+    (directory / "marker").write_text("kept while the claim lives")
+    loose = os.path.join(runtime, "loose")
+    with open(loose, "w") as f:
+        f.write("not in a locked directory")
+    conf = os.path.join(tmp_path, "dockpoint-test.conf")
+    with open(conf, "w") as f:
+        f.write(f"e {runtime} - - - 0\n")
+    before = sorted(os.listdir(directory))
+    done = subprocess.run(
+        ["systemd-tmpfiles", "--clean", conf], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert not os.path.exists(loose)  # the cleaning ran
+    assert served_by(app) == d.pid
+    if simulating_macos_paths():
+        # The socket is in the short fallback directory, which is the one locked (outside
+        # the cleaned tree); the lock file survives by its sticky bit alone.
+        assert lock_file(app).exists()
+    else:
+        assert sorted(os.listdir(directory)) == before  # the locked directory was skipped
+        assert is_socket(dockpoint.address(app))
 
 
 # --------------------------------------------------------------------------- lost claim
