@@ -30,7 +30,10 @@ if dp is None:
 try:
     while True:
         with dp.accept() as c:
-            c.write(b"%d" % os.getpid())
+            try:
+                c.write(b"%d" % os.getpid())
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # a probe's connection: closed without a byte read
 except dockpoint.ClaimLostError as e:
     print("lost", dp.closed, e.filename, flush=True)
 except dockpoint.DockpointClosedError:
