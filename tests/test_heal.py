@@ -4,18 +4,23 @@ file ends the claim; ``claim(info=...)`` and ``claim(wait=...)``."""
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import stat
+import subprocess
 import sys
 import threading
 import time
 
 import pytest
-from conftest import Child, lock_file, wait_blocked
+from conftest import Child, child_env, lock_file, simulating_macos_paths, wait_blocked
 
 import dockpoint
 
-pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX endpoint files")
+WINDOWS = sys.platform == "win32"
+#: The socket and lock file tests: on Windows a pipe cannot be deleted and a held lock file
+#: cannot be deleted or renamed (tests/test_windows.py). info= and wait= run everywhere.
+posix = pytest.mark.skipif(WINDOWS, reason="POSIX endpoint files")
 
 #: A daemon child: claims (with the info given), answers every client with its pid, says
 #: what happens to its claim.
@@ -28,7 +33,10 @@ if dp is None:
 try:
     while True:
         with dp.accept() as c:
-            c.write(b"%d" % os.getpid())
+            try:
+                c.write(b"%d" % os.getpid())
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # a probe's connection: closed without a byte read
 except dockpoint.ClaimLostError as e:
     print("lost", dp.closed, e.filename, flush=True)
 except dockpoint.DockpointClosedError:
@@ -98,8 +106,12 @@ def start_daemon(children: list[Child], app: str, *info: str) -> Child:
 # --------------------------------------------------------------------------- socket heal
 
 LATENCIES: dict[str, list[float]] = {}
+#: Issue 12's bound: from the socket's deletion to a connect the daemon serves (it checks
+#: every 0.5 s, so about 0.5 s is expected).
+HEAL_BOUND = 1.0
 
 
+@posix
 @pytest.mark.parametrize("how", ["deleted", "replaced"])
 def test_a_deleted_or_replaced_socket_is_bound_again(
     app: str, children: list[Child], how: str
@@ -122,9 +134,11 @@ def test_a_deleted_or_replaced_socket_is_bound_again(
         seen.append(time.monotonic() - start)
     LATENCIES.setdefault(how, []).extend(seen)
     print(f"heal latency ({how}): " + ", ".join(f"{s * 1000:.0f} ms" for s in seen))
+    assert max(seen) < HEAL_BOUND, seen  # clients never see a live daemon absent for longer
     assert stat.S_IMODE(os.lstat(address).st_mode) in (0o1600, 0o600)
 
 
+@posix
 def test_a_file_planted_at_the_socket_path_is_left_alone(app: str, children: list[Child]) -> None:
     d = start_daemon(children, app)
     address = dockpoint.address(app)
@@ -140,9 +154,45 @@ def test_a_file_planted_at_the_socket_path_is_left_alone(app: str, children: lis
     assert served_by(app) == d.pid
 
 
+# --------------------------------------------------------------------------- tmpfiles
+
+
+@posix
+@pytest.mark.skipif(shutil.which("systemd-tmpfiles") is None, reason="no systemd-tmpfiles")
+def test_tmpfiles_age_cleaning_skips_a_live_holders_directory(
+    runtime: os.PathLike[str], app: str, children: list[Child], tmp_path: os.PathLike[str]
+) -> None:
+    """systemd-tmpfiles --clean with age 0 (everything is old enough) on the runtime
+    directory: it empties what is not locked, and leaves the holder's directory whole."""
+    d = start_daemon(children, app)
+    directory = lock_file(app).parent
+    (directory / "marker").write_text("kept while the claim lives")
+    loose = os.path.join(runtime, "loose")
+    with open(loose, "w") as f:
+        f.write("not in a locked directory")
+    conf = os.path.join(tmp_path, "dockpoint-test.conf")
+    with open(conf, "w") as f:
+        f.write(f"e {runtime} - - - 0\n")
+    before = sorted(os.listdir(directory))
+    done = subprocess.run(
+        ["systemd-tmpfiles", "--clean", conf], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert not os.path.exists(loose)  # the cleaning ran
+    assert served_by(app) == d.pid
+    if simulating_macos_paths():
+        # The socket is in the short fallback directory, which is the one locked (outside
+        # the cleaned tree); the lock file survives by its sticky bit alone.
+        assert lock_file(app).exists()
+    else:
+        assert sorted(os.listdir(directory)) == before  # the locked directory was skipped
+        assert is_socket(dockpoint.address(app))
+
+
 # --------------------------------------------------------------------------- lost claim
 
 
+@posix
 def test_a_deleted_lock_file_ends_the_claim(app: str, children: list[Child]) -> None:
     d = start_daemon(children, app)
     address = dockpoint.address(app)
@@ -163,6 +213,7 @@ def test_a_deleted_lock_file_ends_the_claim(app: str, children: list[Child]) -> 
     assert d.proc.poll() is None  # the old holder still runs, serving nothing
 
 
+@posix
 def test_a_lock_file_replaced_by_a_new_claim_leaves_one_daemon(
     app: str, children: list[Child]
 ) -> None:
@@ -187,12 +238,14 @@ def test_a_lock_file_replaced_by_a_new_claim_leaves_one_daemon(
 # --------------------------------------------------------------------------- info
 
 
+@posix
 def test_info_is_line_two_of_the_lock_file(app: str, children: list[Child]) -> None:
     d = start_daemon(children, app, "myapp 1.2.3 (build ü)")
     with open(lock_file(app), encoding="utf-8") as f:
         assert f.read() == f"{d.pid}\nmyapp 1.2.3 (build ü)\n"
 
 
+@posix
 def test_no_info_is_the_pid_alone(app: str) -> None:
     dp = dockpoint.claim(app)
     assert dp is not None
@@ -219,6 +272,7 @@ def test_bad_info_is_refused_before_anything_is_made(app: str, info: object, err
     assert not os.path.lexists(dockpoint.address(app))
 
 
+@posix
 def test_longest_info_is_accepted(app: str) -> None:
     text = "é" * dockpoint.MAX_INFO_LENGTH
     dp = dockpoint.claim(app, info=text)
@@ -272,7 +326,10 @@ def test_wait_gives_none_when_the_holder_keeps_it(app: str, children: list[Child
     holder = Child(HOLDER, app)
     children.append(holder)
     holder.expect("ready")
-    fds = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
+    # Unix descriptors: under Wine /proc/self/fd is Wine's, and Wine 8.0 keeps one open per
+    # failed LockFileEx even after CloseHandle (seen with plain ctypes calls too).
+    proc_fd = not WINDOWS and os.path.isdir("/proc/self/fd")
+    fds = len(os.listdir("/proc/self/fd")) if proc_fd else None
     start = time.monotonic()
     assert dockpoint.claim(app, wait=0.5) is None
     assert time.monotonic() - start >= 0.5  # it did wait the whole time
@@ -280,6 +337,46 @@ def test_wait_gives_none_when_the_holder_keeps_it(app: str, children: list[Child
         assert len(os.listdir("/proc/self/fd")) == fds  # the attempts leaked nothing
     holder.send("close")
     holder.expect("closed")
+
+
+#: The new version of a daemon: finds the old one holding the claim, then waits for it.
+SUCCESSOR = r"""
+import os, sys, dockpoint
+first = dockpoint.claim(sys.argv[1], info=sys.argv[2])
+print("first", "held" if first is None else "free", flush=True)
+dp = first or dockpoint.claim(sys.argv[1], info=sys.argv[2], wait=60)
+print("ready" if dp else "none", flush=True)
+with dp.accept(timeout=30) as c:
+    c.write(b"%d" % os.getpid())
+sys.stdin.readline()
+"""
+
+
+def test_upgrade_stop_the_old_daemon_while_the_new_one_waits(
+    app: str, children: list[Child]
+) -> None:
+    """The README's upgrade path: start the new daemon with ``claim(wait=...)``, then
+    ``python -m dockpoint stop``; the new one takes over and probe shows its info."""
+    old = start_daemon(children, app, "myapp 1.0")
+    assert dockpoint.probe(app).info == "myapp 1.0"  # a frontend sees the old version
+    new = Child(SUCCESSOR, app, "myapp 2.0")
+    children.append(new)
+    new.expect("first held")  # the old daemon still serves: the new one waits
+    done = subprocess.run(
+        [sys.executable, "-m", "dockpoint", "stop", app, "--timeout", "10"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=child_env(),
+        check=False,
+    )
+    assert done.returncode == 0, (done.stdout, done.stderr)
+    assert f"pid {old.pid} released the claim" in done.stdout
+    assert old.proc.wait(10) == (15 if WINDOWS else -15)  # TerminateProcess(15), SIGTERM
+    new.expect("ready")
+    assert served_by(app) == new.pid
+    found = dockpoint.probe(app)
+    assert (found.state, found.pid, found.info) == ("listening", new.pid, "myapp 2.0")
 
 
 # --------------------------------------------------------------------------- storm
@@ -308,6 +405,7 @@ print("done", nones, served, claimed, other, flush=True)
 """
 
 
+@posix
 def test_a_storm_of_frontends_while_the_socket_is_deleted_starts_no_second_daemon(
     app: str, children: list[Child]
 ) -> None:
@@ -335,5 +433,6 @@ def test_a_storm_of_frontends_while_the_socket_is_deleted_starts_no_second_daemo
     nones, served, claimed, other = totals
     print(f"storm: heal {[round(s * 1000) for s in seen]} ms; {nones} None, {served} served")
     assert claimed == 0 and other == 0, totals  # no second daemon, ever
+    assert max(seen) < HEAL_BOUND, seen
     assert served > 0
     assert served_by(app) == d.pid
