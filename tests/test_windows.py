@@ -420,6 +420,42 @@ def test_trusts_a_same_user_server_whose_owner_is_a_group(
         assert server.read(timeout=10) == b"trusted"
 
 
+def test_refuses_a_server_labelled_below_medium_integrity(
+    dp: Dockpoint, app: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A process of this user at Low integrity (a sandbox) squats the name: the pipe's owner
+    # is the user, its label is Low. Wine labels nothing, so the label read is simulated.
+    monkeypatch.setattr(w, "_pipe_integrity", lambda pipe: 0x1000)
+    with pytest.raises(PermissionError) as info:
+        dockpoint.connect(app)
+    assert info.value.filename == dp.address
+    assert "below Medium integrity" in str(info.value)
+    monkeypatch.undo()
+    with dp.accept(timeout=5) as gone:  # the refused client came and went
+        assert gone.read(timeout=5) == b""
+    client, server = pair(dp, app)  # unlabelled (implicit Medium): trusted
+    with client, server:
+        client.write(b"medium")
+        assert server.read(timeout=10) == b"medium"
+
+
+def test_lock_holder_refuses_a_pipe_labelled_below_medium_integrity(
+    app: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The name exists although we hold the lock, and the pipe is the user's but was made
+    # at Low integrity: a sandbox's squatter, not instances of an earlier holder.
+    monkeypatch.setattr(w, "_instance", _refuse(w.ERROR_ACCESS_DENIED))
+    monkeypatch.setattr(w, "_pipe_integrity", lambda pipe: 0x1000)
+    with pytest.raises(PermissionError) as info:
+        dockpoint.claim(app)
+    assert info.value.filename == dockpoint.address(app)
+    assert "below Medium integrity" in str(info.value)
+    monkeypatch.undo()
+    again = dockpoint.claim(app)  # the lock was released, no instance was left
+    assert again is not None
+    again.close()
+
+
 # --------------------------------------------------------------------------- instances
 
 
