@@ -131,7 +131,6 @@ if sys.platform == "win32":
         _k, "CreateNamedPipeW", HANDLE,
         LPCWSTR, DWORD, DWORD, DWORD, DWORD, DWORD, DWORD, LPSECURITY_ATTRIBUTES)
     ConnectNamedPipe: _Bool = _declare(_k, "ConnectNamedPipe", BOOL, HANDLE, LPOVERLAPPED)
-    DisconnectNamedPipe: _Bool = _declare(_k, "DisconnectNamedPipe", BOOL, HANDLE)
     CreateFileW: _Handle = _declare(
         _k, "CreateFileW", HANDLE,
         LPCWSTR, DWORD, DWORD, LPSECURITY_ATTRIBUTES, DWORD, DWORD, HANDLE)

@@ -1142,14 +1142,19 @@ if sys.platform == "win32":
                     # ERROR_PIPE_CONNECTED: the client came before ConnectNamedPipe.
                     # ERROR_NO_DATA: it came and closed already; it may have written first
                     # (CPython bpo-14725), so it is handed out like POSIX hands out a
-                    # connected-then-closed socket.
-                    got, pipe = pipe, None
-                    self._spare()
+                    # connected-then-closed socket. The next client's instance is made
+                    # first: Ctrl+C meanwhile puts this one, client and all, back in the
+                    # pool for the next accept instead of losing it.
+                    spare = self._spare()
+                    with self._mutex:
+                        self._free, got, pipe = spare, pipe, None
                     return got
                 if code != ERROR_OPERATION_ABORTED:
                     failed, pipe = pipe, None  # its state is unknown: never back in the pool
                     CloseHandle(failed)
-                    self._spare()  # a fresh listening instance takes its place
+                    spare = self._spare()  # a fresh listening instance takes its place
+                    with self._mutex:
+                        self._free = spare
                     raise _error(code, self._name)
                 return None
             finally:  # also on Ctrl+C: a cancelled instance still listens, keep it
@@ -1157,14 +1162,13 @@ if sys.platform == "win32":
                     with self._mutex:
                         self._free = pipe
 
-        def _spare(self) -> None:
-            """The next client's instance, made before this one is handed out."""
+        def _spare(self) -> int | None:
+            """A new listening instance for the next client, or ``None`` if none can be
+            made now (the next accept makes one; the lock keeps the claim meanwhile)."""
             try:
-                spare = _instance(self._name, self._attributes)
+                return _instance(self._name, self._attributes)
             except OSError:
-                return  # the next accept makes one; the lock keeps the claim meanwhile
-            with self._mutex:
-                self._free = spare
+                return None
 
         def _connect(self, pipe: int, deadline: float | None) -> int:
             """Wait for a client on ``pipe``; the ``ConnectNamedPipe`` result code."""

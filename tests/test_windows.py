@@ -359,7 +359,8 @@ def test_lock_directory_is_made_user_only(
 
 @not_under_wine("it does not enforce the DACLs of named pipes")
 def test_a_pipe_that_denies_us_is_a_permission_error(app: str) -> None:
-    # A squatter's pipe whose DACL keeps us out: not "nobody is there".
+    # A squatter's pipe whose DACL keeps us out: not "nobody is there" for connect, and
+    # not a silent None for claim (the lock is free, the name is not ours to serve).
     import ctypes
 
     name = dockpoint.address(app)
@@ -374,10 +375,15 @@ def test_a_pipe_that_denies_us_is_a_permission_error(app: str) -> None:
         with pytest.raises(PermissionError) as info:
             dockpoint.connect(app)
         assert info.value.filename == name
-        assert dockpoint.claim(app) is None
+        with pytest.raises(PermissionError) as info:
+            dockpoint.claim(app)
+        assert info.value.filename == name
     finally:
         w.CloseHandle(pipe)
         w.LocalFree(descriptor)
+    again = dockpoint.claim(app)  # the failed claim released the lock
+    assert again is not None
+    again.close()
 
 
 def test_refuses_a_server_of_another_user(
@@ -412,6 +418,42 @@ def test_trusts_a_same_user_server_whose_owner_is_a_group(
     with client, server:
         client.write(b"trusted")
         assert server.read(timeout=10) == b"trusted"
+
+
+def test_refuses_a_server_labelled_below_medium_integrity(
+    dp: Dockpoint, app: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A process of this user at Low integrity (a sandbox) squats the name: the pipe's owner
+    # is the user, its label is Low. Wine labels nothing, so the label read is simulated.
+    monkeypatch.setattr(w, "_pipe_integrity", lambda pipe: 0x1000)
+    with pytest.raises(PermissionError) as info:
+        dockpoint.connect(app)
+    assert info.value.filename == dp.address
+    assert "below Medium integrity" in str(info.value)
+    monkeypatch.undo()
+    with dp.accept(timeout=5) as gone:  # the refused client came and went
+        assert gone.read(timeout=5) == b""
+    client, server = pair(dp, app)  # unlabelled (implicit Medium): trusted
+    with client, server:
+        client.write(b"medium")
+        assert server.read(timeout=10) == b"medium"
+
+
+def test_lock_holder_refuses_a_pipe_labelled_below_medium_integrity(
+    app: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The name exists although we hold the lock, and the pipe is the user's but was made
+    # at Low integrity: a sandbox's squatter, not instances of an earlier holder.
+    monkeypatch.setattr(w, "_instance", _refuse(w.ERROR_ACCESS_DENIED))
+    monkeypatch.setattr(w, "_pipe_integrity", lambda pipe: 0x1000)
+    with pytest.raises(PermissionError) as info:
+        dockpoint.claim(app)
+    assert info.value.filename == dockpoint.address(app)
+    assert "below Medium integrity" in str(info.value)
+    monkeypatch.undo()
+    again = dockpoint.claim(app)  # the lock was released, no instance was left
+    assert again is not None
+    again.close()
 
 
 # --------------------------------------------------------------------------- instances
@@ -562,6 +604,31 @@ def test_ctrl_c_interrupts_accept_and_the_endpoint_keeps_working(dp: Dockpoint, 
     with client, server:
         client.write(b"still here")
         assert server.read(timeout=10) == b"still here"
+
+
+def test_ctrl_c_while_accept_makes_the_next_instance_keeps_the_client(
+    dp: Dockpoint, app: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A client is on the instance; accept() is interrupted while it makes the next
+    # client's instance. The connected instance goes back to the pool, and the next
+    # accept() serves that client rather than leaving it on an instance nobody waits on.
+    client = dockpoint.connect(app)
+    assert client is not None
+    with client:
+        client.write(b"kept")
+
+        def interrupted(name: str, attributes: object, first: bool = False) -> int:
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(w, "_instance", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            dp.accept(timeout=5)
+        monkeypatch.undo()
+        with dp.accept(timeout=5) as server:
+            assert server.read(timeout=10) == b"kept"
+            server.write(b"served")
+        assert client.read(timeout=10) == b"served"
+        free(dp)
 
 
 def test_ctrl_c_interrupts_read(dp: Dockpoint, app: str) -> None:

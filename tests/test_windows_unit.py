@@ -251,6 +251,16 @@ def test_every_called_win32_function_is_declared() -> None:
     assert called - declared - classes - not_api == set()
 
 
+def test_no_pipe_instance_is_disconnected_for_reuse() -> None:
+    # After DisconnectNamedPipe an instance is not listening until the next
+    # ConnectNamedPipe, so a pool holding one leaves clients at ERROR_PIPE_BUSY. The
+    # backend never reuses an instance: a served one is closed, and the pool only ever
+    # holds a fresh instance made listening by CreateNamedPipeW.
+    package = Path(w.__file__).parent
+    for path in sorted(package.glob("*.py")):
+        assert "DisconnectNamedPipe" not in path.read_text(encoding="utf-8"), path.name
+
+
 # --------------------------------------------------------------------------- lock file
 
 
