@@ -345,8 +345,8 @@ def _wait_task_blocked(base: str, timeout: float) -> None:
                 state = f.read().rpartition(")")[2].split()[0]
             with open(base + "/wchan") as f:
                 wchan = f.read()
-        except FileNotFoundError:
-            return  # already gone
+        except (FileNotFoundError, ProcessLookupError):  # the thread has exited
+            return
         if state == "S" and wchan not in ("", "0") and "futex" not in wchan:
             return
         time.sleep(0.001)
