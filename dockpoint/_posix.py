@@ -201,12 +201,19 @@ def _ints(raw: bytes, count: int) -> list[int]:
 if _LINUX:
     _SO_PEERCRED = getattr(socket, "SO_PEERCRED", 17)
 
+    _LITTLE = sys.byteorder == "little"
+
     def _peer(sock: socket.socket) -> tuple[int | None, int]:
-        raw = sock.getsockopt(socket.SOL_SOCKET, _SO_PEERCRED, 12)  # on every connection
-        if len(raw) < 8:
+        # struct ucred {pid, uid, gid} (3 x 32 bits), the creds of the peer's connect/listen;
+        # on every connection, so decoded with one int.from_bytes.
+        raw = sock.getsockopt(socket.SOL_SOCKET, _SO_PEERCRED, 12)
+        if len(raw) != 12:
             raise OSError(errno.EPROTO, "the kernel gave short peer credentials")
-        order = sys.byteorder  # struct ucred {pid, uid, gid}, creds of the peer's connect/listen
-        return int.from_bytes(raw[0:4], order), int.from_bytes(raw[4:8], order)
+        if _LITTLE:
+            creds = int.from_bytes(raw, "little")
+            return creds & 0xFFFFFFFF, creds >> 32 & 0xFFFFFFFF
+        creds = int.from_bytes(raw, "big")
+        return creds >> 64, creds >> 32 & 0xFFFFFFFF
 
 elif _DARWIN or sys.platform.startswith(("freebsd", "dragonfly")):
 

