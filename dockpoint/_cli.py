@@ -202,6 +202,7 @@ def send(
     for _attempt in range(MAX_ATTEMPTS):
         left = max(0.0, deadline - monotonic())
         if spawn:
+            earlier = len(started)
             try:
                 conn = dockpoint.connect_or_spawn(
                     app,
@@ -210,7 +211,11 @@ def send(
                     timeout=left,
                     on_spawn=spawned,
                 )
-            except TimeoutError:  # a daemon it started but that never adopted is stopped
+            except TimeoutError as exc:
+                # A daemon this call started did not adopt (it was stopped) or closed at
+                # once: it serves nothing. The message says which.
+                del started[earlier:]
+                _log(str(exc))
                 return _give_up(stem, timeout, "no daemon answered", started)
             except dockpoint.SpawnError as exc:
                 raise UserError(str(exc)) from None

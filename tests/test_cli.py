@@ -1104,6 +1104,8 @@ def test_send_timeout_zero_leaves_no_daemon(env: dict[str, str], app: str) -> No
     assert result.returncode == EXIT_NOBODY_CODE, result
     (pid,) = (int(p) for p in SPAWNED.findall(result.stderr))
     assert b"no daemon answered" in result.stderr
+    assert b"(pid %d) did not adopt its endpoint in time; it was stopped" % pid in result.stderr
+    assert b"keeps running" not in result.stderr, result.stderr
     assert wait_gone(pid, CLI_TIMEOUT), "the daemon started for nothing still runs"
     if LINUX:
         assert daemon_processes(app, serving=False) == set()

@@ -30,9 +30,12 @@ keeps the issue's workload:
    cold ``python -m dockpoint send`` (no daemon -> reply; the daemon is stopped after each)
    and the cold README recipe, each against ``python -c "import dockpoint"`` run twice in a
    row; warm ``send`` (daemon up) against one such import. Interleaved; median and range
-   of the per-round ratios.
+   of the per-round ratios. For information, also ``python -m`` of a module that only
+   imports dockpoint and ends with ``os._exit(0)``: what any ``python -m`` frontend pays
+   (``runpy`` and its imports), whatever it then does.
 11-12. storm: 30 and 100 ``send``s started at once against no daemon, against as many
-   ``python -c "import dockpoint"`` at once: wall, CPU (the frontends'), daemons started.
+   ``python -c "import dockpoint"`` at once: wall, CPU (the frontends'), daemons started;
+   and as many of that ``python -m`` module at once (information).
 13. cumulative ``import dockpoint`` (``-X importtime``) in the frontend interpreter.
 
 Rows 1-3 run in two CPU layouts (``--pin``): ``split``, client on one CPU and the echo
@@ -1219,6 +1222,7 @@ WARM_APP = "dockpoint-bench-warm"
 RECIPE_APP = "dockpoint-bench-recipe"
 STORM_APP = "dockpoint-bench-storm"
 STORM_SIZES = (30, 100)
+M_FLOOR = "dockpoint_bench_m_floor"  # python -m of this: runpy, import dockpoint, os._exit
 
 
 def frontend_env(env: dict[str, str]) -> dict[str, str]:
@@ -1279,11 +1283,20 @@ class Frontends:
         self.table, self.reps, self.python = table, reps, python
         self.env = frontend_env(env)
         self.recipe = recipe_dir(runtime)
+        # What any ``python -m`` frontend pays: runpy, then import dockpoint, os._exit.
+        self.m_floor = Path(runtime) / "mfloor"
+        self.m_floor.mkdir(exist_ok=True)
+        (self.m_floor / f"{M_FLOOR}.py").write_text(
+            "import os\nimport sys\n\nimport dockpoint  # noqa: F401\n\n"
+            "sys.stdout.flush()\nos._exit(0)\n",
+            encoding="utf-8",
+        )
 
-    def run(self, *args: str) -> tuple[float, bytes]:
+    def run(self, *args: str, cwd: Path | None = None) -> tuple[float, bytes]:
         start = time.perf_counter()
         out = subprocess.run(
             [self.python, *args],
+            cwd=cwd,
             env=self.env,
             stdin=subprocess.DEVNULL,
             capture_output=True,
@@ -1297,6 +1310,9 @@ class Frontends:
 
     def floor(self, times: int) -> float:
         return sum(self.run("-c", "import dockpoint")[0] for _ in range(times))
+
+    def python_m(self) -> float:
+        return self.run("-m", M_FLOOR, cwd=self.m_floor)[0]
 
     def cold_send(self) -> float:
         took, out = self.run("-m", "dockpoint", "send", SPAWN_APP, "hello")
@@ -1323,6 +1339,7 @@ class Frontends:
                 "cold recipe": self.cold_recipe,
                 "floor1": lambda: self.floor(1),
                 "warm send": self.warm_send,
+                "python -m": self.python_m,
             },
             self.reps,
         )
@@ -1344,9 +1361,21 @@ class Frontends:
                 met=ratio <= 1.15,
                 label=row.split(" (")[0],
             )
+        # Information: the part of row 10's floor that no ``python -m`` frontend can avoid.
+        m_ratios = [a / b for a, b in zip(got["python -m"], got["floor1"])]
+        w_ratios = [a / b for a, b in zip(got["warm send"], got["python -m"])]
+        self.table.add(
+            "",
+            f"python -m of a module that imports dockpoint: {median(got['python -m']) * 1e3:.1f}"
+            f" ms ({median(m_ratios):.2f} x 1 import)",
+            f"warm send / that {median(got['python -m']) * 1e3:.1f} ms",
+            ratio=f"{median(w_ratios):.2f} ({min(w_ratios):.2f}-{max(w_ratios):.2f})",
+        )
         _detail("8-10 frontends", got, scale=1e3, unit="ms")
 
-    def batch(self, args: list[list[str]]) -> tuple[float, float, list[bytes], list[bytes]]:
+    def batch(
+        self, args: list[list[str]], cwd: Path | None = None
+    ) -> tuple[float, float, list[bytes], list[bytes]]:
         """Start every command at once; wall time, children's CPU time, outputs."""
         import resource
 
@@ -1355,6 +1384,7 @@ class Frontends:
         procs = [
             subprocess.Popen(
                 [self.python, *a],
+                cwd=cwd,
                 env=self.env,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
@@ -1394,8 +1424,13 @@ class Frontends:
             cpus["floor"].append(cpu)
             return wall
 
-        cpus: dict[str, list[float]] = {"send": [], "floor": []}
-        got = interleave({"floor": imports, "send": sends}, self.reps)
+        def python_ms() -> float:
+            wall, cpu, _, _ = self.batch([["-m", M_FLOOR]] * size, cwd=self.m_floor)
+            cpus["python -m"].append(cpu)
+            return wall
+
+        cpus: dict[str, list[float]] = {"send": [], "floor": [], "python -m": []}
+        got = interleave({"floor": imports, "send": sends, "python -m": python_ms}, self.reps)
         cpus = {k: v[1:] for k, v in cpus.items()}  # drop the warm-up round
         started, answered = started[1:], answered[1:]
         ratios = [a / b for a, b in zip(got["send"], got["floor"])]
@@ -1423,6 +1458,15 @@ class Frontends:
             target="exactly 1",
             met=all(n == 1 for n in started) and min(answered) == size,
             label=f"storm {size} one daemon",
+        )
+        m_ratios = [a / b for a, b in zip(got["python -m"], got["floor"])]
+        s_ratios = [a / b for a, b in zip(got["send"], got["python -m"])]
+        self.table.add(
+            "",
+            f"{size} x python -m of a module that imports dockpoint: wall "
+            f"{median(got['python -m']):.2f} s ({median(m_ratios):.2f} x floor)",
+            f"send / that {median(got['python -m']):.2f} s",
+            ratio=f"{median(s_ratios):.2f} ({min(s_ratios):.2f}-{max(s_ratios):.2f})",
         )
         _detail(row, got, scale=1, unit="s wall")
 
