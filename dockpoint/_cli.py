@@ -215,8 +215,9 @@ def send(
                 # A daemon this call started did not adopt (it was stopped) or closed at
                 # once: it serves nothing. The message says which.
                 del started[earlier:]
+                code = _give_up(stem, timeout, "no daemon answered", started)
                 _log(str(exc))
-                return _give_up(stem, timeout, "no daemon answered", started)
+                return code
             except dockpoint.SpawnError as exc:
                 raise UserError(str(exc)) from None
         else:
