@@ -185,6 +185,7 @@ class _Listener:
                     if not ready:
                         if deadline is not None and monotonic() >= deadline:
                             raise TimeoutError(f"no client arrived within {timeout} s")
+                        try_first = False  # a check interval passed with nobody: poll on
                         continue
                     for fd, _ in ready:
                         if fd == self._wake_r:
