@@ -134,9 +134,19 @@ def interleave(sides: dict[str, Callable[[], float]], reps: int) -> dict[str, li
     return results
 
 
+def round_ratios(a: list[float], b: list[float]) -> list[float]:
+    """Per-round ratios a/b of two interleaved series."""
+    return [x / y for x, y in zip(a, b)]
+
+
+def spread(ratios: list[float]) -> str:
+    """``median (min-max)`` of per-round ratios."""
+    return f"{median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
+
+
 def paired_ratio(a: list[float], b: list[float]) -> float:
     """Median of the per-round ratios ``a[i] / b[i]``."""
-    return median([x / y for x, y in zip(a, b)])
+    return median(round_ratios(a, b))
 
 
 # --------------------------------------------------------------------------- processes
@@ -1350,26 +1360,26 @@ class Frontends:
             ("10 warm send (daemon up)", "warm send", "floor1", "1 x import dockpoint"),
         ]
         for row, side, floor, what in rows:
-            ratios = [a / b for a, b in zip(got[side], got[floor])]
+            ratios = round_ratios(got[side], got[floor])
             ratio = median(ratios)
             self.table.add(
                 row,
                 f"{median(got[side]) * 1e3:.1f} ms",
                 f"{what} {median(got[floor]) * 1e3:.1f} ms",
-                ratio=f"{ratio:.2f} ({min(ratios):.2f}-{max(ratios):.2f})",
+                ratio=spread(ratios),
                 target="<= 1.15",
                 met=ratio <= 1.15,
                 label=row.split(" (")[0],
             )
         # Information: the part of row 10's floor that no ``python -m`` frontend can avoid.
-        m_ratios = [a / b for a, b in zip(got["python -m"], got["floor1"])]
-        w_ratios = [a / b for a, b in zip(got["warm send"], got["python -m"])]
+        m_ratios = round_ratios(got["python -m"], got["floor1"])
+        w_ratios = round_ratios(got["warm send"], got["python -m"])
         self.table.add(
             "",
             f"python -m of a module that imports dockpoint: {median(got['python -m']) * 1e3:.1f}"
             f" ms ({median(m_ratios):.2f} x 1 import)",
             f"warm send / that {median(got['python -m']) * 1e3:.1f} ms",
-            ratio=f"{median(w_ratios):.2f} ({min(w_ratios):.2f}-{max(w_ratios):.2f})",
+            ratio=spread(w_ratios),
         )
         _detail("8-10 frontends", got, scale=1e3, unit="ms")
 
@@ -1433,14 +1443,14 @@ class Frontends:
         got = interleave({"floor": imports, "send": sends, "python -m": python_ms}, self.reps)
         cpus = {k: v[1:] for k, v in cpus.items()}  # drop the warm-up round
         started, answered = started[1:], answered[1:]
-        ratios = [a / b for a, b in zip(got["send"], got["floor"])]
-        cpu_ratios = [a / b for a, b in zip(cpus["send"], cpus["floor"])]
+        ratios = round_ratios(got["send"], got["floor"])
+        cpu_ratios = round_ratios(cpus["send"], cpus["floor"])
         row = f"{11 if size == STORM_SIZES[0] else 12} storm of {size} sends, no daemon"
         self.table.add(
             row,
             f"wall {median(got['send']):.2f} s",
             f"{size} x import dockpoint at once, wall {median(got['floor']):.2f} s",
-            ratio=f"{median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})",
+            ratio=spread(ratios),
             target="<= 1.20",
             met=median(ratios) <= 1.2,
             label=f"storm {size} wall",
@@ -1449,7 +1459,7 @@ class Frontends:
             "",
             f"CPU {median(cpus['send']):.2f} s",
             f"CPU {median(cpus['floor']):.2f} s (frontends only)",
-            ratio=f"{median(cpu_ratios):.2f} ({min(cpu_ratios):.2f}-{max(cpu_ratios):.2f})",
+            ratio=spread(cpu_ratios),
         )
         self.table.add(
             "",
@@ -1459,14 +1469,14 @@ class Frontends:
             met=all(n == 1 for n in started) and min(answered) == size,
             label=f"storm {size} one daemon",
         )
-        m_ratios = [a / b for a, b in zip(got["python -m"], got["floor"])]
-        s_ratios = [a / b for a, b in zip(got["send"], got["python -m"])]
+        m_ratios = round_ratios(got["python -m"], got["floor"])
+        s_ratios = round_ratios(got["send"], got["python -m"])
         self.table.add(
             "",
             f"{size} x python -m of a module that imports dockpoint: wall "
             f"{median(got['python -m']):.2f} s ({median(m_ratios):.2f} x floor)",
             f"send / that {median(got['python -m']):.2f} s",
-            ratio=f"{median(s_ratios):.2f} ({min(s_ratios):.2f}-{max(s_ratios):.2f})",
+            ratio=spread(s_ratios),
         )
         _detail(row, got, scale=1, unit="s wall")
 
