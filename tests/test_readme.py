@@ -13,6 +13,7 @@ from time import monotonic, sleep
 from typing import TYPE_CHECKING
 
 import pytest
+import dockpoint
 from conftest import LINUX, child_env
 
 if TYPE_CHECKING:
@@ -126,3 +127,50 @@ def test_recipe_runs(tmp_path: Path, runtime: Path, app: str, daemon_pids: set[i
     if LINUX:
         with open(f"/proc/{pids[0]}/cmdline", "rb") as f:
             assert str(folder / "daemon.py").encode() in f.read().split(b"\0")
+
+
+EXAMPLE = re.compile(
+    r"^<!-- example: simplest_daemon\.py -->\n```python\n(.*?)^```$", re.MULTILINE | re.DOTALL
+)
+
+
+def test_simplest_daemon_survives_status(
+    tmp_path: Path, runtime: Path, app: str, daemon_pids: set[int], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The README's smallest daemon (a reply written to every connection, no ``try``) keeps
+    serving through 100 ``python -m dockpoint status`` calls: a probe never reaches its
+    ``accept()``, so it never writes to a client that has left."""
+    from dockpoint.__main__ import main
+
+    found = EXAMPLE.findall(README.read_text(encoding="utf-8"))
+    assert len(found) == 1, "README.md must hold one '<!-- example: simplest_daemon.py -->' block"
+    code, count = APP_LINE.subn(f'APP = "{app}"', found[0])
+    assert count == 1, "the simplest daemon must set its app name in one 'APP = \"...\"' line"
+    script = tmp_path / "simplest_daemon.py"
+    script.write_text(code, encoding="utf-8")
+    proc = subprocess.Popen(
+        [sys.executable, str(script)],
+        env=child_env(XDG_RUNTIME_DIR=str(runtime)),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    daemon_pids.add(proc.pid)
+    try:
+
+        def ask() -> bytes:
+            conn = dockpoint.connect(app, timeout=20)
+            assert conn is not None, "the simplest daemon does not answer"
+            with conn:
+                conn.write(b"hello")
+                return conn.read(timeout=20)
+
+        assert ask() == b"ack"  # it is up
+        codes = [main(["status", app]) for _ in range(100)]
+        assert codes == [0] * 100, capsys.readouterr()
+        assert ask() == b"ack", "the daemon stopped serving after the status calls"
+        assert proc.poll() is None, "the daemon died"
+    finally:
+        proc.kill()
+        _, err = proc.communicate(timeout=30)
+    assert b"Traceback" not in err, err.decode(errors="replace")
