@@ -565,8 +565,10 @@ class Dockpoint(_Closable):
     def accept(self, *, timeout: float | None = None) -> DockpointConnection:
         """Wait for the next client and return the connection to it.
 
-        Clients of another user are dropped without being served. :meth:`close` from
-        another thread ends the wait with :class:`DockpointClosedError`.
+        Clients of another user are dropped without being served, and so are the
+        connections of :func:`dockpoint.probe` (and ``status``, ``stop``): a daemon never
+        has to survive one. :meth:`close` from another thread ends the wait with
+        :class:`DockpointClosedError`.
 
         :param timeout: seconds to wait at most; ``None`` waits for ever.
         :raises TimeoutError: no client arrived within ``timeout``.

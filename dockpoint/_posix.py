@@ -39,6 +39,8 @@ _DARWIN = sys.platform == "darwin"
 SUN_PATH_MAX = 107 if _LINUX else 103
 #: Whether ``/proc/self/fd/<n>`` gives a short alias of an open directory (Linux).
 _PROC_ALIAS = _LINUX
+#: Whether a probe binds its socket to an abstract name (Linux) rather than a path.
+_ABSTRACT = _LINUX
 _BACKLOG = max(socket.SOMAXCONN, 4096)  # the kernel caps it at its own maximum
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # O_NONBLOCK: a FIFO planted at the lock path must not hang open().

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import _socket as socket
 import errno
+import itertools
 import os
 import sys
 from _thread import RLock
@@ -158,12 +159,16 @@ class _Listener:
                 conn = None
                 if try_first:
                     try:
-                        fd, _ = self._sock._accept()  # type: ignore[attr-defined]  # accept4
+                        fd, peer = self._sock._accept()  # type: ignore[attr-defined]  # accept4
                     except BlockingIOError:  # none yet: clients come one at a time
                         self._waits = True
                     except ConnectionAbortedError:  # one came and went
                         pass
-                    else:  # family, type and protocol given: fewer questions to the kernel
+                    else:
+                        if peer and peer[-6:] in _PROBE_ENDS:  # probe(): never handed out
+                            os.close(fd)
+                            continue
+                        # Family, type and protocol given: fewer questions to the kernel.
                         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fd)
                 try_first = True
                 if conn is None:
@@ -544,18 +549,43 @@ def _claim_holder(lock_path: str, uid: int) -> tuple[bool, int | None, str | Non
     return held, pid, info
 
 
+#: The ends of the names a probe's socket is bound to: the listener drops such a
+#: connection at accept, so a daemon never serves (or writes to) a probe.
+_PROBE_ENDS = (".probe", b".probe")
+_PROBES = itertools.count()
+
+
+def _bind_probe(sock: socket.socket, prefix: str, where: str) -> str | None:
+    """Bind a probe's client socket to a name the listener recognises: a Linux abstract
+    name, elsewhere a short path in the socket's own (checked) directory, which the
+    caller unlinks; returns that path."""
+    while True:
+        name = "~%x-%d.probe" % (os.getpid(), next(_PROBES))
+        try:
+            if _p._ABSTRACT:
+                sock.bind(b"\0dockpoint" + name.encode())
+                return None
+            sock.bind(prefix + "/" + name)
+            return where + "/" + name
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:  # taken: a name left by a killed probe
+                raise
+
+
 def _knock(where: str, name: str, timeout: float | None) -> tuple[str, int | None]:
     """One connection attempt to the socket ``name`` in the directory ``where``, closed
     at once without a byte sent: ``("ok", pid)``, ``("foreign", uid)``, ``("refused",
     None)`` or ``("timeout", None)``."""
-    target = where + "/" + name
     dfd = None
     if _needs_dirfd(where, name):
         dfd = os.open(where, _DIR_FLAGS)
     try:
-        target = _bind_directory(where, name, dfd) + "/" + name
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # _socket: no "with"
+        bound = None
         try:
+            prefix = _bind_directory(where, name, dfd)
+            bound = _bind_probe(sock, prefix, where)
+            target = prefix + "/" + name
             # A slice at most (settimeout overflows past time_t): the connect of a Unix
             # socket either completes, is refused or (Linux, full backlog) fails at once.
             sock.settimeout(None if timeout is None else min(timeout, _SLICE))
@@ -568,6 +598,8 @@ def _knock(where: str, name: str, timeout: float | None) -> tuple[str, int | Non
             pid, peer_uid = _peer(sock)
         finally:
             sock.close()
+            if bound is not None:
+                os.unlink(bound)
     finally:
         if dfd is not None:
             os.close(dfd)

@@ -81,7 +81,7 @@ def pytest_configure(config: pytest.Config) -> None:
     if os.environ.get(MACOS_PATHS) == "1" and not WINDOWS:
         from dockpoint import _posix
 
-        _posix.SUN_PATH_MAX, _posix._PROC_ALIAS = 103, False
+        _posix.SUN_PATH_MAX, _posix._PROC_ALIAS, _posix._ABSTRACT = 103, False, False
     if LINUX and os.geteuid() == 0 and os.environ.get("DOCKPOINT_TEST_SHARED_TMP") != "1":
         PRIVATE_TMP = _private_tmp()
     if not WINDOWS and not config.option.basetemp:

@@ -125,6 +125,33 @@ def test_server_and_client_round_trip_and_release(app: str) -> None:
     assert open_fds() == before
 
 
+def test_probes_never_reach_the_callback(app: str) -> None:
+    calls: list[None] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        calls.append(None)
+        await echo_line(reader, writer)
+
+    async def main() -> None:
+        server = await dockpoint.aio.start_server(handle, app)
+        assert server is not None
+        async with server:
+            loop = asyncio.get_running_loop()
+            for _ in range(50):
+                found = await loop.run_in_executor(None, dockpoint.probe, app)
+                assert found.state == "listening"
+            got = await dockpoint.aio.open_connection(app, timeout=10)
+            assert got is not None
+            reader, writer = got
+            writer.write(b"hello\n")
+            assert await reader.readline() == b"hello\n"
+            writer.close()
+            await writer.wait_closed()
+        assert calls == [None], f"the callback ran {len(calls)} times for one client"
+
+    run(main())
+
+
 def test_server_works_with_blocking_clients_and_serve_forever_ends_on_close(app: str) -> None:
     async def main() -> None:
         server = await dockpoint.aio.start_server(echo_line, app, start_serving=False)

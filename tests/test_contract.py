@@ -364,6 +364,31 @@ def test_close_wakes_several_accepting_threads(app: str) -> None:
     assert all(isinstance(e, DockpointClosedError) for e in errors)
 
 
+def test_accept_never_returns_a_probe(app: str) -> None:
+    """probe() (and so status and stop) connects and leaves without a byte: accept() drops
+    those connections, whether they queued before it ran or came while it waited."""
+    with claimed(app) as dp:
+        for _ in range(20):
+            assert dockpoint.probe(app).state == "listening"
+        with pytest.raises(TimeoutError):
+            dp.accept(timeout=0.5)
+        got: list[object] = []
+        t = threading.Thread(target=lambda: got.append(dp.accept(timeout=20)), daemon=True)
+        t.start()
+        wait_blocked(t)
+        for _ in range(20):
+            assert dockpoint.probe(app).state == "listening"
+        client = dockpoint.connect(app, timeout=10)
+        assert client is not None
+        t.join(20)
+        with client:
+            (served,) = got
+            assert isinstance(served, DockpointConnection)
+            with served:
+                client.write(b"x")
+                assert served.read(timeout=10) == b"x"
+
+
 # --------------------------------------------------------------------------- close
 
 

@@ -6,4 +6,4 @@ import os
 if os.environ.get("DOCKPOINT_TEST_MACOS_PATHS") == "1":
     from dockpoint import _posix
 
-    _posix.SUN_PATH_MAX, _posix._PROC_ALIAS = 103, False
+    _posix.SUN_PATH_MAX, _posix._PROC_ALIAS, _posix._ABSTRACT = 103, False, False
