@@ -3,15 +3,11 @@
 The race-free core of the auto-spawning client-daemon pattern (tmux, ssh-agent,
 gpg-agent, docker). A daemon calls :func:`claim` and serves connections from
 :meth:`Dockpoint.accept`; a frontend calls :func:`connect` and, on ``None``, spawns the
-daemon and connects again.
+daemon and connects again (or calls :func:`connect_or_spawn`, which does both).
 """
 
-import sys
-
-from ._common import (
-    MAX_INFO_LENGTH,
-    MAX_NAME_LENGTH,
-    NAME_CHARACTERS,
+from ._api import address, claim, connect, connect_or_spawn, probe, stop
+from ._classes import (
     PROBE_STATES,
     ClaimLostError,
     Dockpoint,
@@ -20,18 +16,7 @@ from ._common import (
     Probe,
     SpawnError,
 )
-
-if sys.platform == "win32":
-    from ._windows import api as _api
-else:
-    from ._posix import api as _api
-
-claim = _api.claim
-connect = _api.connect
-address = _api.address
-connect_or_spawn = _api.connect_or_spawn
-probe = _api.probe
-stop = _api.stop
+from ._names import MAX_INFO_LENGTH, MAX_NAME_LENGTH, NAME_CHARACTERS
 
 #: The one version string (``pyproject.toml`` reads it: ``dynamic = ["version"]``).
 __version__ = "0.2.0"

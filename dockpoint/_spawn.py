@@ -29,13 +29,16 @@ import os
 import sys
 from time import monotonic
 
-from ._common import HANDOVER, Api, DockpointConnection, SpawnError, block_signals, restore_signals
+from ._classes import HANDOVER, DockpointConnection, SpawnError
+from ._signals import block_signals, restore_signals
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # pragma: no cover
     import subprocess
     from collections.abc import Callable, Mapping
     from typing import Any
+
+    Connect = Callable[..., "DockpointConnection | None"]  # dockpoint.connect
 
 #: Not inherited by children (``O_CLOEXEC`` on POSIX, ``O_NOINHERIT`` on Windows).
 _PRIVATE = getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOINHERIT", 0)
@@ -47,21 +50,21 @@ HOLDER_SLICE = 0.25
 
 
 class Request:
-    """One ``connect_or_spawn`` call (arguments checked by ``Api.connect_or_spawn``)."""
+    """One ``connect_or_spawn`` call (arguments checked by :func:`dockpoint.connect_or_spawn`)."""
 
     def __init__(
         self,
-        api: Api,
         names: tuple[str, str, str],
         argv: list[str | os.PathLike[str]],
         timeout: float | None,
+        connect: Connect,
         *,
         log: str | os.PathLike[str] | None,
         env: Mapping[str, str] | None,
         on_spawn: Callable[[int], object] | None,
     ) -> None:
-        self.api = api
         self.app_name, self.instance, self.stem = names
+        self.dial = connect
         self.argv = argv
         self.deadline = float("inf") if timeout is None else monotonic() + timeout
         self.log = log
@@ -72,17 +75,18 @@ class Request:
         return max(0.0, self.deadline - monotonic())
 
     def connect(self, timeout: float | None = None) -> DockpointConnection | None:
-        return self.api.connect(self.app_name, self.instance, timeout=timeout)
+        return self.dial(self.app_name, self.instance, timeout=timeout)
 
 
-def connect_or_spawn(req: Request) -> DockpointConnection:
-    """See :meth:`dockpoint._common.Api.connect_or_spawn`."""
-    api, app_name, instance, stem = req.api, req.app_name, req.instance, req.stem
+def spawn_and_connect(req: Request, listen: Callable[[str, None], Any]) -> DockpointConnection:
+    """The rest of :func:`dockpoint.connect_or_spawn` once a connect found nobody there;
+    ``listen`` is the backend's."""
+    app_name, instance, stem, connect = req.app_name, req.instance, req.stem, req.dial
     deadline = req.deadline
     while True:
         old = block_signals()  # until _hand_over's cleanup is armed: no claim is leaked
         try:
-            got = api._backend.listen(stem, None)
+            got = listen(stem, None)
         except BaseException:
             restore_signals(old)
             raise
@@ -92,7 +96,7 @@ def connect_or_spawn(req: Request) -> DockpointConnection:
         # Someone holds the claim: a daemon, or a frontend handing it over. Its endpoint
         # takes our connection into its queue as soon as it is in place.
         left = deadline - monotonic()
-        conn = api.connect(app_name, instance, timeout=max(0.0, min(left, HOLDER_SLICE)))
+        conn = connect(app_name, instance, timeout=max(0.0, min(left, HOLDER_SLICE)))
         if conn is not None:
             return conn
         if monotonic() >= deadline:
@@ -100,7 +104,7 @@ def connect_or_spawn(req: Request) -> DockpointConnection:
                 f"no daemon for {stem} accepted a connection in time "
                 "(another process holds the claim)"
             )
-        conn = api.connect(app_name, instance)
+        conn = connect(app_name, instance)
         if conn is not None:
             return conn
 

@@ -67,7 +67,8 @@ import sys
 from _thread import allocate_lock
 from time import monotonic, sleep
 
-from ._common import BUSY_GRACE, HANDOVER, Api, DockpointClosedError, no_fileno, pipe_name
+from ._classes import BUSY_GRACE, HANDOVER, DockpointClosedError, no_fileno
+from ._names import pipe_name
 from ._win32 import (
     DACL_SECURITY_INFORMATION,
     ERROR_ACCESS_DENIED,
@@ -1363,6 +1364,10 @@ if sys.platform == "win32":
         adopt = staticmethod(_adopt)
 
         @staticmethod
+        def ask_to_exit(pid: int) -> None:
+            os.kill(pid, 15)  # TerminateProcess (15: SIGTERM as the exit code); the pipe dies too
+
+        @staticmethod
         def locate(stem: str) -> str:
             return _pipe_path(_user_sid(), stem)
 
@@ -1476,4 +1481,4 @@ if sys.platform == "win32":
                 CloseHandle(pipe)
                 raise
 
-    api = Api(_Backend())
+    backend = _Backend()

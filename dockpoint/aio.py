@@ -41,14 +41,9 @@ import sys
 import threading
 from weakref import WeakSet
 
-from ._common import (
-    BUSY_GRACE,
-    Dockpoint,
-    DockpointClosedError,
-    DockpointConnection,
-    check_timeout,
-    endpoint_stem,
-)
+from ._api import backend, claim, connect
+from ._classes import BUSY_GRACE, Dockpoint, DockpointClosedError, DockpointConnection
+from ._names import check_timeout, endpoint_stem
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # pragma: no cover
@@ -120,8 +115,6 @@ async def _open_pipe(
     app_name: str, instance: str, timeout: float | None, limit: int
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
     """Windows: :func:`dockpoint.connect` in a thread (its waits block), then streams."""
-    from . import connect
-
     loop = asyncio.get_running_loop()
     _proactor(loop)
     dialing = loop.run_in_executor(None, lambda: connect(app_name, instance, timeout=timeout))
@@ -489,8 +482,6 @@ async def start_server(
             f"client_connected_cb must be callable, not {type(client_connected_cb).__name__}"
         )
     endpoint_stem(app_name, instance)  # argument errors before anything else
-    from . import claim
-
     loop = asyncio.get_running_loop()  # outside a running loop: RuntimeError before the claim
     if sys.platform == "win32":
         _proactor(loop)  # a loop without named pipes: refused before the claim
@@ -558,9 +549,7 @@ async def _dial(stem: str, timeout: float | None) -> socket.socket | None:
     "busy", which one attempt waits out for a while, as ``connect`` does."""
     if sys.platform == "win32":
         raise _unsupported()
-    from . import _posix
-
-    dial = _posix._Backend.dial  # a timeout of 0 makes its connect non-blocking
+    dial = backend.dial  # a timeout of 0 makes its connect non-blocking
     loop = asyncio.get_running_loop()
     busy_only = False
     if timeout is None:

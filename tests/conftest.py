@@ -79,9 +79,9 @@ def pytest_configure(config: pytest.Config) -> None:
     if config.getoption("--simulate-macos-paths"):
         os.environ[MACOS_PATHS] = "1"
     if os.environ.get(MACOS_PATHS) == "1" and not WINDOWS:
-        from dockpoint import _posix
+        from dockpoint import _posix_dir
 
-        _posix.SUN_PATH_MAX, _posix._PROC_ALIAS, _posix._ABSTRACT = 103, False, False
+        _posix_dir.SUN_PATH_MAX, _posix_dir.PROC_ALIAS, _posix_dir.ABSTRACT = 103, False, False
     if LINUX and os.geteuid() == 0 and os.environ.get("DOCKPOINT_TEST_SHARED_TMP") != "1":
         PRIVATE_TMP = _private_tmp()
     if not WINDOWS and not config.option.basetemp:

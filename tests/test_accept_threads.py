@@ -19,7 +19,7 @@ import pytest
 
 import dockpoint
 from dockpoint import Dockpoint, DockpointClosedError, DockpointConnection
-from dockpoint._common import BUSY_GRACE
+from dockpoint._classes import BUSY_GRACE
 
 #: Clients in the stress test; ``DOCKPOINT_STRESS_CLIENTS`` raises it for a measurement.
 CLIENTS = int(os.environ.get("DOCKPOINT_STRESS_CLIENTS", "400"))

@@ -22,7 +22,7 @@ import pytest
 from conftest import LINUX, child_env, simulating_macos_paths
 
 import dockpoint
-from dockpoint._common import endpoint_stem
+from dockpoint._names import endpoint_stem
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import dockpoint
-from dockpoint._common import (
+from dockpoint._names import (
     MAX_NAME_LENGTH,
     NAME_CHARACTERS,
     endpoint_stem,

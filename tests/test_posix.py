@@ -34,7 +34,7 @@ from conftest import (
 )
 
 import dockpoint
-from dockpoint import _posix
+from dockpoint import _posix_dir, _posix_stream
 
 ROOT = os.geteuid() == 0
 NOBODY = 65534
@@ -195,11 +195,11 @@ def test_overlong_directory_still_works(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(deep))
     app = "t" + uuid.uuid4().hex[:12]
     where = dockpoint.address(app)
-    if _posix._PROC_ALIAS:  # Linux: the real path, bound through /proc/self/fd
+    if _posix_dir.PROC_ALIAS:  # Linux: the real path, bound through /proc/self/fd
         assert len(os.fsencode(where)) > 107 and where.startswith(str(deep))
     else:  # macOS, BSD: the short per-user fallback, the lock file stays in deep
         assert where.startswith(f"/tmp/dockpoint-{os.geteuid()}/~"), where
-        assert len(os.fsencode(where)) <= _posix.SUN_PATH_MAX
+        assert len(os.fsencode(where)) <= _posix_dir.SUN_PATH_MAX
     with claimed(app) as dp:
         assert dp.address == where and stat.S_ISSOCK(os.lstat(where).st_mode)
         assert (deep / "dockpoint" / f"{app}@default.lock").is_file()
@@ -218,8 +218,8 @@ def test_overlong_directory_still_works(tmp_path: Path, monkeypatch: pytest.Monk
 def test_overlong_fallback_sockets_of_two_directories_differ(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(_posix, "_PROC_ALIAS", False)
-    monkeypatch.setattr(_posix, "SUN_PATH_MAX", 103)
+    monkeypatch.setattr(_posix_dir, "PROC_ALIAS", False)
+    monkeypatch.setattr(_posix_dir, "SUN_PATH_MAX", 103)
     first, second = tmp_path / ("a" * 100), tmp_path / ("b" * 100)
     places = set()
     for d in (first, second):
@@ -232,7 +232,7 @@ def test_overlong_fallback_sockets_of_two_directories_differ(
 def test_longest_names_work(runtime: Path) -> None:
     app, instance = "a" * 64, "B" * 64
     where = dockpoint.address(app, instance)
-    assert len(os.fsencode(where)) <= _posix.SUN_PATH_MAX
+    assert len(os.fsencode(where)) <= _posix_dir.SUN_PATH_MAX
     with claimed(app, instance) as dp:
         assert dockpoint.claim(app, instance.lower()) is None
         conn = dockpoint.connect(app, instance)
@@ -630,7 +630,10 @@ def test_import_pulls_in_no_ctypes_nor_typing_helpers() -> None:
     new = set(done.stdout.split())
     assert "ctypes" not in new
     assert not new & {"typing", "typing_extensions", "threading", "re", "hashlib", "struct"}
-    allowed = {"dockpoint", "dockpoint._common", "dockpoint._posix", "errno", "__future__"}
+    allowed = {"dockpoint", "errno", "__future__"} | {
+        f"dockpoint.{m}"
+        for m in ("_api", "_classes", "_names", "_signals", "_posix", "_posix_dir", "_posix_stream")
+    }
     assert new <= allowed, new
 
 
@@ -642,7 +645,8 @@ conn = dockpoint.connect(sys.argv[1])
 conn.write(b"x")
 assert conn.read() == b"x"
 conn.close()
-heavy = {"dockpoint._posix_claim", "fcntl", "select", "signal", "enum", "socket", "warnings"}
+heavy = {"fcntl", "select", "signal", "enum", "socket", "warnings"}
+heavy |= {"dockpoint._posix_claim", "dockpoint._posix_probe"}
 print(" ".join(sorted(heavy & (set(sys.modules) - before))) or "none")
 """
 
@@ -915,9 +919,9 @@ def test_runtime_dir_that_is_a_file_is_named(
 def test_holder_pid_probe(runtime: Path, app: str) -> None:
     d = str(endpoint_dir(runtime))
     stem = f"{app}@default"
-    assert not _posix._holder_alive(d, stem)  # no lock file
+    assert not _posix_stream._holder_alive(d, stem)  # no lock file
     with claimed(app):
-        assert _posix._holder_alive(d, stem)
-    assert not _posix._holder_alive(d, stem)  # released: emptied
+        assert _posix_stream._holder_alive(d, stem)
+    assert not _posix_stream._holder_alive(d, stem)  # released: emptied
     Path(d, stem + ".lock").write_text("999999999\n")  # a crashed holder's dead pid
-    assert not _posix._holder_alive(d, stem)
+    assert not _posix_stream._holder_alive(d, stem)

@@ -13,8 +13,9 @@ from time import monotonic, sleep
 from typing import TYPE_CHECKING
 
 import pytest
-import dockpoint
 from conftest import LINUX, child_env
+
+import dockpoint
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -135,7 +136,11 @@ EXAMPLE = re.compile(
 
 
 def test_simplest_daemon_survives_status(
-    tmp_path: Path, runtime: Path, app: str, daemon_pids: set[int], capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    runtime: Path,
+    app: str,
+    daemon_pids: set[int],
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     """The README's smallest daemon (a reply written to every connection, no ``try``) keeps
     serving through 100 ``python -m dockpoint status`` calls: a probe never reaches its

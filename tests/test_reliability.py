@@ -297,9 +297,9 @@ def test_a_held_claim_costs_three_descriptors_until_a_thread_waits(app: str) -> 
 
 
 def _proc_alias() -> bool:
-    from dockpoint import _posix
+    from dockpoint import _posix_dir
 
-    return bool(_posix._PROC_ALIAS)
+    return bool(_posix_dir.PROC_ALIAS)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="binds through /proc/self/fd")

@@ -384,9 +384,10 @@ def claimer(app: str, handover: str, handles: tuple[int, ...]) -> dict[str, obje
 def raw_claim(app: str) -> tuple[object, int, int]:
     """Claim ``app`` below the public API (as connect_or_spawn does): the listener and
     its socket and lock descriptors."""
-    from dockpoint._common import endpoint_stem
+    from dockpoint._api import backend
+    from dockpoint._names import endpoint_stem
 
-    got = dockpoint._api._backend.listen(endpoint_stem(app, "default"))
+    got = backend.listen(endpoint_stem(app, "default"))
     assert got is not None
     listener = got[0]
     sock, lock = listener.handles()  # type: ignore[attr-defined]

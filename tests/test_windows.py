@@ -747,7 +747,7 @@ def test_a_dropped_server_connection_does_not_keep_the_name(app: str) -> None:
 
 
 def test_single_connect_to_a_hung_daemon_gives_up_after_the_grace(dp: Dockpoint, app: str) -> None:
-    from dockpoint._common import BUSY_GRACE
+    from dockpoint._classes import BUSY_GRACE
 
     first = dockpoint.connect(app)  # takes the free instance; the holder never accepts
     assert first is not None

@@ -16,7 +16,7 @@ import pytest
 from dockpoint import DockpointClosedError
 from dockpoint import _win32 as k
 from dockpoint import _windows as w
-from dockpoint._common import endpoint_stem, pipe_name
+from dockpoint._names import endpoint_stem, pipe_name
 
 SID = "S-1-5-21-1004336348-1177238915-682003330-1001"
 OTHER = "S-1-5-21-1004336348-1177238915-682003330-1002"
