@@ -201,7 +201,8 @@ def connect_or_spawn(
     conn = connect(app_name, instance)
     if conn is not None:
         return conn
-    # Loaded by the first spawn only: import dockpoint takes 1.2 x as long with it (3.12, -X importtime, median of 25).
+    # Loaded by the first spawn only: import dockpoint takes 1.2 x as long with it (3.12,
+    # -X importtime, median of 25).
     from ._spawn import Request, spawn_and_connect
 
     names = (app_name, instance, stem)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import os
+
 # The C modules, not threading, weakref and warnings: import dockpoint takes 2.7 x, 1.5 x
 # and 1.14 x as long with them (3.12, -X importtime, median of 25).
 from _thread import RLock, allocate_lock, get_ident
@@ -191,6 +192,36 @@ class _Closable:
         self.close()
 
 
+class _ClosedChannel:
+    """What a closed :class:`DockpointConnection` holds: every use raises."""
+
+    peer_pid: int | None = None
+
+    def recv(self, max_bytes: int, timeout: float | None) -> bytes:
+        raise _closed("DockpointConnection")
+
+    def send(self, data: bytes | memoryview) -> None:
+        raise _closed("DockpointConnection")
+
+    def fileno(self) -> int:
+        raise _closed("DockpointConnection")
+
+    def close(self) -> None:
+        pass
+
+
+_CLOSED: Channel = _ClosedChannel()
+
+
+def _read_args(max_bytes: object, timeout: object) -> tuple[int, float | None]:
+    """``read``'s arguments checked, ``max_bytes`` capped at :data:`READ_CHUNK_LIMIT`."""
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int):
+        raise TypeError(f"max_bytes must be an int, not {type(max_bytes).__name__}")
+    if max_bytes < 1:
+        raise ValueError(f"max_bytes must be at least 1, not {max_bytes}")
+    return min(int(max_bytes), READ_CHUNK_LIMIT), check_timeout(timeout)
+
+
 class DockpointConnection(_Closable):
     """A connected byte stream between a daemon and one client.
 
@@ -201,7 +232,7 @@ class DockpointConnection(_Closable):
     __slots__ = ("__weakref__", "_ch", "peer_pid")
 
     def __init__(self, channel: Channel) -> None:
-        self._ch: Channel | None = channel
+        self._ch: Channel = channel
         #: Process id of the other end where the OS reports it, else ``None``.
         self.peer_pid: int | None = channel.peer_pid
 
@@ -217,20 +248,14 @@ class DockpointConnection(_Closable):
         :raises TimeoutError: nothing arrived within ``timeout``.
         :raises DockpointClosedError: the connection is closed.
         """
-        ch = self._ch
-        if ch is None:
-            raise _closed("DockpointConnection")
-        if max_bytes.__class__ is not int:
-            if isinstance(max_bytes, bool) or not isinstance(max_bytes, int):
-                raise TypeError(f"max_bytes must be an int, not {type(max_bytes).__name__}")
-            max_bytes = int(max_bytes)
-        if max_bytes < 1:
-            raise ValueError(f"max_bytes must be at least 1, not {max_bytes}")
-        # Not min(): a builtin call costs more than this test on the hot path.
-        max_bytes = max_bytes if max_bytes <= READ_CHUNK_LIMIT else READ_CHUNK_LIMIT
-        if timeout is not None:
-            timeout = check_timeout(timeout)
-        return ch.recv(max_bytes, timeout)
+        # One test and one call on the hot path; the checks only for unusual arguments.
+        if (
+            timeout is not None
+            or max_bytes.__class__ is not int
+            or not 0 < max_bytes <= READ_CHUNK_LIMIT
+        ):
+            max_bytes, timeout = _read_args(max_bytes, timeout)
+        return self._ch.recv(max_bytes, timeout)
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         """Write all of ``data``.
@@ -241,11 +266,8 @@ class DockpointConnection(_Closable):
         :raises BrokenPipeError: the peer has closed the stream.
         :raises DockpointClosedError: the connection is closed.
         """
-        ch = self._ch
-        if ch is None:
-            raise _closed("DockpointConnection")
         if data.__class__ is bytes:
-            ch.send(data)
+            self._ch.send(data)
             return len(data)
         if isinstance(data, str):
             raise TypeError("write() takes a bytes-like object, not str; encode it first")
@@ -259,7 +281,7 @@ class DockpointConnection(_Closable):
             view = memoryview(view.tobytes())
         if view.ndim != 1 or view.format not in ("B", "b", "c"):
             view = view.cast("B")
-        ch.send(view)
+        self._ch.send(view)
         return view.nbytes
 
     def fileno(self) -> int:
@@ -273,24 +295,27 @@ class DockpointConnection(_Closable):
             (Windows, where a named pipe cannot be selected).
         :raises DockpointClosedError: the connection is closed.
         """
-        ch = self._ch
-        if ch is None:
-            raise _closed("DockpointConnection")
-        return ch.fileno()
+        return self._ch.fileno()
 
     def close(self) -> None:
         """Close the connection. Closing again does nothing."""
-        ch, self._ch = self._ch, None
-        if ch is not None:
-            ch.close()
+        ch, self._ch = self._ch, _CLOSED
+        ch.close()
+
+    def _take_channel(self) -> Channel:
+        """Take the backend's channel out, leaving the connection closed (dockpoint.aio)."""
+        ch, self._ch = self._ch, _CLOSED
+        if ch is _CLOSED:
+            raise _closed("DockpointConnection")
+        return ch
 
     @property
     def closed(self) -> bool:
         """``True`` once :meth:`close` has been called."""
-        return self._ch is None
+        return self._ch is _CLOSED
 
     def __repr__(self) -> str:
-        state = "closed" if self._ch is None else f"peer_pid={self.peer_pid}"
+        state = "closed" if self.closed else f"peer_pid={self.peer_pid}"
         return f"<DockpointConnection {state}>"
 
 

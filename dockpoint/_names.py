@@ -141,3 +141,18 @@ def socket_filename(directory: str, stem: str, limit: int) -> str:
 def pipe_name(user_sid: str, stem: str) -> str:
     """The Windows named pipe for ``stem``, scoped to the user ``user_sid``."""
     return f"\\\\.\\pipe\\dockpoint-{user_sid}-{stem}"
+
+
+def lock_text(pid: int, info: str | None) -> bytes:
+    """A lock file's content: the holder's pid (line 1), then its ``info`` (line 2)."""
+    return f"{pid}\n{info}\n".encode() if info else f"{pid}\n".encode()
+
+
+def lock_record(data: bytes) -> tuple[int | None, str | None]:
+    """The holder's pid and ``info`` in a lock file's content (see :func:`lock_text`);
+    ``None`` for what is not there (an emptied file, a file with only the pid)."""
+    lines = data.decode("utf-8", "replace").split("\n")
+    first = lines[0].strip()
+    pid = int(first) if first.isascii() and first.isdigit() and 0 < int(first) < 1 << 31 else None
+    info = lines[1].rstrip("\r") if len(lines) > 1 else ""
+    return pid, info or None

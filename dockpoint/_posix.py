@@ -24,7 +24,8 @@ _SIGTERM = 15  # signal.SIGTERM on every POSIX (signal.py imports enum)
 
 
 # The claim and probe modules are loaded by their first call: a frontend whose daemon runs
-# never loads them (nor fcntl); import dockpoint takes 1.5 x as long with them (3.12, -X importtime, median of 25).
+# never loads them (nor fcntl); import dockpoint takes 1.5 x as long with them (3.12,
+# -X importtime, median of 25).
 class _Backend:
     dial = staticmethod(dial)
 

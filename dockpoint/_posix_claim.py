@@ -18,6 +18,7 @@ assert sys.platform != "win32"  # tells type checkers this module is POSIX-only
 
 from . import _posix_dir as _dir  # noqa: E402
 from ._classes import HANDOVER, ClaimLostError  # noqa: E402
+from ._names import lock_text  # noqa: E402
 from ._posix_dir import LINUX, PROBE_ENDS, _bind_directory, _directory, _open_directory, _place  # noqa: E402
 from ._posix_stream import POLLIN, SO_NOSIGPIPE, _Channel, _ms, _peer  # noqa: E402
 from ._signals import block_signals, restore_signals  # noqa: E402
@@ -306,12 +307,8 @@ def _lock(dfd: int, directory: str, stem: str, uid: int, info: str | None) -> in
             return None
         if st.st_mode & 0o7777 != 0o1600:
             _chmod_sticky(lambda mode: os.fchmod(fd, mode))
-        # For status tools: the holder's pid, then its info= text; the lock decides.
-        text = b"%d\n" % os.getpid()
-        if info:
-            text += info.encode() + b"\n"
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, text, 0)
+        os.ftruncate(fd, 0)  # for status tools; the lock decides
+        os.pwrite(fd, lock_text(os.getpid(), info), 0)
     except BaseException:
         os.close(fd)
         raise
@@ -417,10 +414,7 @@ def adopt(stem: str, info: str | None = None) -> tuple[_Listener, str] | None:
         sock.setblocking(False)
         sock.listen(_BACKLOG)  # again: clients' peer credentials now name this process
         os.ftruncate(lock_fd, 0)
-        record = b"%d\n" % os.getpid()
-        if info is not None:
-            record += info.encode() + b"\n"
-        os.pwrite(lock_fd, record, 0)
+        os.pwrite(lock_fd, lock_text(os.getpid(), info), 0)
     except BaseException:
         if sock is not None:
             sock.detach()

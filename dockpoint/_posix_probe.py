@@ -16,7 +16,7 @@ from stat import S_ISREG, S_ISSOCK
 assert sys.platform != "win32"  # tells type checkers this module is POSIX-only
 
 from . import _posix_dir as _dir  # noqa: E402
-from ._names import posix_directory  # noqa: E402
+from ._names import lock_record, posix_directory  # noqa: E402
 from ._posix_dir import (  # noqa: E402
     DIR_FLAGS,
     LINUX,
@@ -55,11 +55,7 @@ def _lock_record(path: str, uid: int) -> tuple[os.stat_result | None, int | None
         raw = os.read(fd, 4096)
     finally:
         os.close(fd)
-    lines = raw.decode("utf-8", "replace").split("\n")
-    first = lines[0].strip()
-    pid = int(first) if first.isdigit() and 0 < int(first) < 1 << 31 else None
-    info = lines[1] if len(lines) > 1 and lines[1] else None
-    return st, pid, info
+    return (st, *lock_record(raw))
 
 
 def _flock_owner(st: os.stat_result) -> tuple[bool | None, int | None]:
@@ -211,12 +207,9 @@ def _inspect_at(  # noqa: PLR0911 - one return per state
             except FileNotFoundError:
                 if path == directory:
                     return (
-                        "absent",
-                        address,
-                        None,
-                        None,
-                        ("nobody holds the claim and no daemon has run here: start the daemon"),
-                    )
+                        "absent", address, None, None,
+                        "nobody holds the claim and no daemon has run here: start the daemon",
+                    )  # fmt: skip
         held, pid, info = _claim_holder(directory + "/" + stem + ".lock", uid)
     except PermissionError as exc:
         return "unsafe", address, None, None, _unsafe_reason(exc)
@@ -229,82 +222,51 @@ def _inspect_at(  # noqa: PLR0911 - one return per state
     who = f"pid {pid}" if pid is not None else "a process"
     if st is not None and not S_ISSOCK(st.st_mode):
         return (
-            "blocked",
-            address,
-            pid,
-            info,
-            (
-                f"something that is not a socket is at {address}; no daemon can serve {stem} "
-                "until it is removed: move or delete it"
-            ),
-        )
+            "blocked", address, pid, info,
+            f"something that is not a socket is at {address}; no daemon can serve {stem} "
+            "until it is removed: move or delete it",
+        )  # fmt: skip
     if st is not None:
         knocked, value = _knock(where, name, timeout if held else 0.0)
         if knocked == "ok":
             pid = value if value is not None else pid
             who = f"pid {pid}" if pid is not None else "a process"
             return (
-                "listening",
-                address,
-                pid,
-                info,
-                (f"a daemon of this user ({who}) accepted a connection at {address}"),
-            )
+                "listening", address, pid, info,
+                f"a daemon of this user ({who}) accepted a connection at {address}",
+            )  # fmt: skip
         if knocked == "foreign":
             return (
-                "foreign",
-                address,
-                None,
-                None,
-                (
-                    f"the endpoint {address} is served by uid {value}, not by this user "
-                    f"(uid {uid}): do not send it anything; find out who runs it"
-                ),
-            )
+                "foreign", address, None, None,
+                f"the endpoint {address} is served by uid {value}, not by this user "
+                f"(uid {uid}): do not send it anything; find out who runs it",
+            )  # fmt: skip
         if held and (knocked == "timeout" or not LINUX):  # macOS/BSD: a full backlog refuses
             return (
-                "busy",
-                address,
-                pid,
-                info,
-                (
-                    f"the holder ({who}) is alive but did not accept a connection within "
-                    f"{timeout:g} s: it is busy or stuck; wait, or stop it and start it again"
-                    if timeout is not None
-                    else f"the holder ({who}) is alive but does not accept connections"
-                ),
-            )
+                "busy", address, pid, info,
+                f"the holder ({who}) is alive but did not accept a connection within "
+                f"{timeout:g} s: it is busy or stuck; wait, or stop it and start it again"
+                if timeout is not None
+                else f"the holder ({who}) is alive but does not accept connections",
+            )  # fmt: skip
     if held:
         return (
-            "missing-socket",
-            address,
-            pid,
-            info,
-            (
-                f"{who} holds the claim but its socket {address} is gone or replaced (a cleaner "
-                "such as systemd-tmpfiles may have deleted it): stop the daemon and start it again"
-            ),
-        )
+            "missing-socket", address, pid, info,
+            f"{who} holds the claim but its socket {address} is gone or replaced (a cleaner "
+            "such as systemd-tmpfiles may have deleted it): stop the daemon and start it again",
+        )  # fmt: skip
     leftover = os.path.lexists(where + "/" + name[:-5] + ".new")
     if st is not None or pid is not None or leftover:
         gone = f"pid {pid}" if pid is not None else "a process"
         return (
-            "stale",
-            address,
-            pid,
-            info,
-            (
-                f"files left by a holder ({gone}) that is gone; the next claim replaces them: "
-                "start the daemon"
-            ),
-        )
+            "stale", address, pid, info,
+            f"files left by a holder ({gone}) that is gone; the next claim replaces them: "
+            "start the daemon",
+        )  # fmt: skip
     return (
-        "absent",
-        address,
-        None,
-        None,
-        ("nobody holds the claim and no daemon is serving: start the daemon"),
-    )
+        "absent", address, None, None,
+        "nobody holds the claim and no daemon is serving: start the daemon",
+    )  # fmt: skip
 
 
 def _unsafe_reason(exc: OSError) -> str:
@@ -370,17 +332,12 @@ def inspect(stem: str, timeout: float | None) -> tuple[str, str, int | None, str
             other, pid, info = found
             setting = f"XDG_RUNTIME_DIR={xdg}" if xdg else "XDG_RUNTIME_DIR unset"
             return (
-                "elsewhere",
-                other,
-                pid,
-                info,
-                (
-                    f"nothing at {address} ({setting}), but a daemon of this user"
-                    f"{'' if pid is None else f' (pid {pid})'} answers at {other}: it was "
-                    "started with another "
-                    "XDG_RUNTIME_DIR; run daemon and clients with the same environment"
-                ),
-            )
+                "elsewhere", other, pid, info,
+                f"nothing at {address} ({setting}), but a daemon of this user"
+                f"{'' if pid is None else f' (pid {pid})'} answers at {other}: it was "
+                "started with another "
+                "XDG_RUNTIME_DIR; run daemon and clients with the same environment",
+            )  # fmt: skip
     return state, address, pid, info, reason
 
 

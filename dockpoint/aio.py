@@ -96,10 +96,7 @@ def _pipe_transport(
     from asyncio import windows_utils
 
     make = _proactor(loop)
-    channel: Any = conn._ch  # the Windows backend's channel: it has detach()
-    conn._ch = None
-    if channel is None:
-        raise DockpointClosedError(9, "DockpointConnection is closed")
+    channel: Any = conn._take_channel()  # the Windows backend's channel: it has detach()
     handle = windows_utils.PipeHandle(channel.detach())
     try:
         transport: asyncio.BaseTransport = make(
