@@ -20,7 +20,7 @@ assert sys.platform != "win32"  # tells type checkers this module is POSIX-only
 
 from . import _posix_dir as _dir  # noqa: E402
 from ._classes import DockpointClosedError  # noqa: E402
-from ._names import lock_record, posix_directory  # noqa: E402
+from ._names import posix_directory  # noqa: E402
 from ._posix_dir import (  # noqa: E402
     _KIND_AND_OPEN,
     _MAX_SPOTS,
@@ -115,23 +115,31 @@ else:
 # --------------------------------------------------------------------------- streams
 
 
+def _closed_meanwhile() -> DockpointClosedError:
+    return DockpointClosedError(errno.EBADF, "DockpointConnection was closed while in use")
+
+
 class _Channel:
-    # close() from another thread must end a recv/send blocked in the kernel, and must not
-    # free the descriptor under it (a reused number would be read by the old call). A call
-    # in flight holds a reference to the socket object, so its reference count tells
-    # close() whether one is (nothing to count on the hot path): then close() shuts the
-    # socket down, which wakes the call (the peer sees end of stream), and the last call to
-    # leave closes the descriptor.
-    __slots__ = ("_gen", "_shut", "_sock", "peer_pid")
+    # close() from another thread must end a recv/send blocked in the kernel, and must
+    # not free the descriptor under it (a reused number would be read by the old call).
+    # So each call registers in _busy (list appends are atomic); close() marks the
+    # channel shut, shuts the socket down if a call is in flight (that wakes it, and the
+    # peer sees end of stream) and the last call to leave closes the descriptor.
+    __slots__ = ("_busy", "_gen", "_shut", "_sock", "peer_pid")
 
     def __init__(self, sock: socket.socket, peer_pid: int | None) -> None:
         self._sock = sock
         self.peer_pid = peer_pid
+        self._busy: list[None] = []
         self._shut = False
         self._gen = _FORKS[0]
 
     def recv(self, max_bytes: int, timeout: float | None) -> bytes:
+        busy = self._busy
+        busy.append(None)
         try:
+            if self._shut:
+                raise _closed_meanwhile()
             if timeout is None:
                 data = self._sock.recv(max_bytes)
             else:
@@ -140,65 +148,65 @@ class _Channel:
             data = b""
         except OSError:
             if self._shut:
-                raise self._left() from None
+                raise _closed_meanwhile() from None
             raise
+        finally:
+            busy.pop()
+            if self._shut:
+                self._finish()
         if self._shut:
-            raise self._left()
+            raise _closed_meanwhile()
         return data
 
     def _timed_recv(self, max_bytes: int, timeout: float) -> bytes:
-        # No local holds the socket: a frame kept by a traceback would count as a call.
+        sock = self._sock
         deadline = monotonic() + timeout
         import select  # here: a client that never waits with a timeout does not load it
 
         poller = select.poll()
-        poller.register(self._sock.fileno(), POLLIN)
+        poller.register(sock, POLLIN)
         while True:
             if poller.poll(_ms(deadline - monotonic())):
                 try:  # another thread may have taken the data since the poll: poll again
-                    return self._sock.recv(max_bytes, _DONTWAIT)
+                    return sock.recv(max_bytes, _DONTWAIT)
                 except BlockingIOError:
                     continue
             if monotonic() >= deadline:
                 raise TimeoutError(f"nothing to read within {timeout} s")
 
     def send(self, data: bytes | memoryview) -> None:
+        busy = self._busy
+        busy.append(None)
         try:
+            if self._shut:
+                raise _closed_meanwhile()
             self._sock.sendall(data, _NOSIGNAL)  # a gone peer: BrokenPipeError, not SIGPIPE
         except OSError:
             if self._shut:
-                raise self._left() from None
+                raise _closed_meanwhile() from None
             raise
-        if self._shut:
-            raise self._left()
+        finally:
+            busy.pop()
+            if self._shut:
+                self._finish()
 
     def fileno(self) -> int:
         return self._sock.fileno()
 
-    def _in_flight(self) -> bool:
-        # The slot and getrefcount's argument are 2; a forked copy has no calls of its own.
-        return sys.getrefcount(self._sock) > 2 and self._gen == _FORKS[0]
-
-    def _left(self) -> DockpointClosedError:
-        """A call that ran into close(): the last one out closes the descriptor."""
-        if not self._in_flight():
-            self._sock.close()  # idempotent: the socket object forgets its descriptor
-        return DockpointClosedError(errno.EBADF, "DockpointConnection was closed while in use")
-
     def close(self) -> None:
+        if self._gen != _FORKS[0]:  # a forked copy: the parent's calls are not ours
+            self._busy.clear()
         self._shut = True
-        if self._in_flight():
+        if self._busy:
             try:
                 self._sock.shutdown(socket.SHUT_RDWR)  # wakes the calls in flight
             except OSError:
                 pass
-        else:
-            self._sock.close()
+        self._finish()
 
-    def __del__(self) -> None:
-        # A call in flight keeps its channel alive: none is left when this runs.
-        if self._shut:
-            self._sock.close()
+    def _finish(self) -> None:
+        if not self._busy:
+            self._sock.close()  # idempotent: the socket object forgets its descriptor
 
 
 def _ms(seconds: float) -> int:
@@ -215,17 +223,21 @@ def _holder_alive(directory: str, stem: str) -> bool:
     except OSError:
         return False
     try:
-        pid, _ = lock_record(os.read(fd, 512))
+        text = os.read(fd, 32)
     finally:
         os.close(fd)
-    if pid is None:
+    try:
+        pid = int(text.partition(b"\n")[0])  # line 1; line 2 is the holder's info
+    except ValueError:
+        return False
+    if pid <= 0:
         return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        pass  # alive, another user's pid: the kernel recycled it, or a foreign daemon
+        return True  # alive, another user's pid: the kernel recycled it, or a foreign daemon
     return True
 
 
