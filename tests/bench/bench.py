@@ -18,7 +18,8 @@ keeps the issue's workload:
    connecting to a raw listener and vs ``multiprocessing.connection.Client``; also (for
    information) vs a raw client and listener that make the checks dockpoint keeps on
    every connection: the ``lstat`` of the socket's directory, and the peer's credentials
-   on both sides.
+   on both sides. That line's ratio, dockpoint / (raw + the kept checks), is printed as
+   the median (min-max) of the per-round ratios, against a target of <= 1.10 (issue 19).
 4. claim cycle: 1,000 x (claim, close), absolute, plus a cProfile breakdown.
 5. import: ``-X importtime`` in a fresh ``python -I -S``, median of 20: what
    ``import dockpoint`` adds once ``socket`` is imported.
@@ -37,8 +38,11 @@ keeps the issue's workload:
    ``python -c "import dockpoint"`` at once: wall, CPU (the frontends'), daemons started;
    and as many of that ``python -m`` module at once (information).
 13. cumulative ``import dockpoint`` (``-X importtime``) in the frontend interpreter.
+14. 1-byte round trip (issue 19): 10,000 x (1-byte write, 1-byte read) on one connection
+   per round, dockpoint vs a raw ``AF_UNIX`` socket only; median (min-max) of the
+   per-round ratios (information). Numbered last so that rows 1-13 keep their numbers.
 
-Rows 1-3 run in two CPU layouts (``--pin``): ``split``, client on one CPU and the echo
+Rows 1-3 and 14 run in two CPU layouts (``--pin``): ``split``, client on one CPU and the echo
 servers on another (a frontend and a daemon on an idle machine: every wake-up crosses
 CPUs), and ``same``, both on one CPU (every wake-up is a local context switch, so the
 CPU work of each side shows). Left to the scheduler, a small VM flips between the two
@@ -76,6 +80,7 @@ HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parent.parent
 
 RT_OPS = 20_000
+RTT_OPS = 10_000
 BULK_BYTES = 256 << 20
 BULK_CHUNK = 64 << 10
 CONNECT_CYCLES = 3_000
@@ -757,7 +762,7 @@ class Bench:
     servers: dict[str, tuple[str, subprocess.Popen[bytes]]] = field(default_factory=dict)
 
     def start_echo_servers(self) -> None:
-        """One echo server per side, for all of rows 1-3 (a separate process each)."""
+        """One echo server per side, for all of rows 1-3 and 14 (a separate process each)."""
         raw_path = os.path.join(self.runtime, "raw.sock")
         mp_path = os.path.join(self.runtime, "mp.sock")
         checks_path = os.path.join(self.runtime, "checks.sock")
@@ -808,6 +813,20 @@ class Bench:
             raw_target=1.05,
             mp_target=0.70,
         )
+
+    def rtt(self, ops: int = RTT_OPS) -> None:
+        """Row 14 (issue 19): the 1-byte round trip on one connection, dockpoint vs a raw
+        ``AF_UNIX`` socket only, with the per-round ratios' median and range."""
+        got = self.compare("rt", ["dockpoint", "raw"], ops)
+        ratios = round_ratios(got["dockpoint"], got["raw"])
+        row = self.row(14, f"1-byte round trip ({ops:,} x, one connection)")
+        self.table.add(
+            row,
+            us(median(got["dockpoint"]) / ops) + "/op",
+            "raw AF_UNIX " + us(median(got["raw"]) / ops),
+            ratio=spread(ratios),
+        )
+        _detail(row, got, scale=1e6 / ops, unit="us/op")
 
     def bulk(self, size: int = BULK_BYTES) -> None:
         got = self.compare("bulk", ["dockpoint", "raw"], size)
@@ -865,12 +884,17 @@ class Bench:
             label=f"{name} vs raw [{self.layout}]",
         )
         if checks:
+            # The floor of issue 19: dockpoint / (raw + the kept checks), per round.
+            floor = round_ratios(got["dockpoint"], got["checks"])
             self.table.add(
                 "",
                 "",
-                f"raw + lstat + peer creds {us(median(got['checks']) / amount)} "
-                f"(itself {paired_ratio(got['checks'], got['raw']):.2f} x raw)",
-                ratio=f"{paired_ratio(got['dockpoint'], got['checks']):.3f}",
+                f"raw + the kept checks (lstat, peer creds) {us(median(got['checks']) / amount)}"
+                f" (itself {paired_ratio(got['checks'], got['raw']):.2f} x raw)",
+                ratio=spread(floor),
+                target="<= 1.10",
+                met=median(floor) <= 1.10,
+                label=f"{name} vs raw + checks [{self.layout}]",
             )
         mp = us(median(got["mp"]) / amount)
         if mp_target is None:
@@ -1546,7 +1570,7 @@ def run(args: argparse.Namespace) -> int:
         f"repetitions: {args.reps} per side, interleaved, after one warm-up round "
         "(row 5: fresh interpreters)"
     )
-    print(f"CPU layouts for rows 1-3: {', '.join(layouts(args.pin))} (see --pin)")
+    print(f"CPU layouts for rows 1-3, 14: {', '.join(layouts(args.pin))} (see --pin)")
     table = Table()
     wine_note: str | None = "not run (pass --wine)" if 7 not in rows else None
     with private_runtime_dir() as runtime:
@@ -1556,7 +1580,7 @@ def run(args: argparse.Namespace) -> int:
         children = Children(env)
         bench = Bench(dockpoint, table, runtime, args.reps, children)
         try:
-            if rows & {1, 2, 3}:
+            if rows & {1, 2, 3, 14}:
                 bench.start_echo_servers()
                 for layout in layouts(args.pin):
                     bench.place(layout)
@@ -1566,6 +1590,8 @@ def run(args: argparse.Namespace) -> int:
                         bench.bulk()
                     if 3 in rows:
                         bench.connect_cycle()
+                    if 14 in rows:
+                        bench.rtt()
                 bench.place("unpinned")
                 for _, server in bench.servers.values():
                     children.end(server)
@@ -1628,14 +1654,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--rows",
         type=lambda s: [int(x) for x in s.split(",")],
-        default=[1, 2, 3, 4, 5, 6, 8, 9, 10, 11, 12, 13],
+        default=[1, 2, 3, 4, 5, 6, 8, 9, 10, 11, 12, 13, 14],
         help="comma-separated rows to run (default all but 7; 7 is --wine)",
     )
     parser.add_argument(
         "--pin",
         choices=PIN_CHOICES,
         default="both",
-        help="CPU layout of client and echo servers in rows 1-3: split (client and server "
+        help="CPU layout of client and echo servers in rows 1-3, 14: split (client and server "
         "on two CPUs), same (one CPU), both (default: split, then same), unpinned",
     )
     parser.add_argument("--no-profile", action="store_true", help="skip row 4's profile")
