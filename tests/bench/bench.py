@@ -1566,17 +1566,51 @@ COMPARE_ROWS = (1, 2, 3, 14, 8, 9, 10, 11, 12, 13)
 GUARD = 1.03  # issue 18: no row more than 3 % worse than the old tree
 
 
+def task_cpu(pid: int) -> float:
+    """CPU seconds of process ``pid``'s main thread, to the nanosecond (Linux
+    ``/proc/PID/schedstat``; 0.0 elsewhere). The echo daemons have one thread."""
+    try:
+        with open(f"/proc/{pid}/schedstat", encoding="ascii") as f:
+            return int(f.read().split()[0]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 def worker_main() -> None:
     """``--worker``: the dockpoint client side of rows 1-3 and 14, in this interpreter and
     with its own dockpoint (it runs with ``-I``). Says ``ready VERSION PATH``, then answers
-    every line ``KIND APP AMOUNT`` of stdin with the seconds that row's timed loop took;
-    ends with stdin."""
+    every line ``KIND APP AMOUNT SERVER_PID`` of stdin with ``WALL CPU``: the seconds that
+    row's timed loop took, and the CPU seconds of the round (this process's and the echo
+    daemon's); ends with stdin."""
     import dockpoint
 
     print(f"ready {dockpoint.__version__} {Path(dockpoint.__file__).parent}", flush=True)
     for line in sys.stdin:
-        kind, app, amount = line.split()
-        print(repr(client_job(kind, "dockpoint", app, dockpoint)(int(amount))), flush=True)
+        kind, app, amount, server = line.split()
+        cpu0, server0 = time.process_time(), task_cpu(int(server))
+        wall = client_job(kind, "dockpoint", app, dockpoint)(int(amount))
+        cpu = time.process_time() - cpu0 + task_cpu(int(server)) - server0
+        print(f"{wall!r} {cpu!r}", flush=True)
+
+
+def children_cpu() -> float:
+    """CPU seconds of this process's reaped children so far."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def with_cpu(job: Callable[[], float], into: list[float]) -> Callable[[], float]:
+    """``job``, also appending the CPU seconds of the children it reaped to ``into``."""
+
+    def run() -> float:
+        before = children_cpu()
+        value = job()
+        into.append(children_cpu() - before)
+        return value
+
+    return run
 
 
 def interleave_turns(
@@ -1695,12 +1729,15 @@ class Compare:
         for proc in self.servers.values():
             os.sched_setaffinity(proc.pid, server)
 
-    def job(self, label: str, kind: str, amount: int) -> float:
-        worker = self.workers[label]
+    def job(self, label: str, kind: str, amount: int, cpu: list[float]) -> float:
+        """One round of the worker of ``label``: its wall seconds (the CPU to ``cpu``)."""
+        worker, server = self.workers[label], self.servers[label]
         assert worker.stdin is not None
-        worker.stdin.write(f"{kind} {self.app(label)} {amount}\n".encode())
+        worker.stdin.write(f"{kind} {self.app(label)} {amount} {server.pid}\n".encode())
         worker.stdin.flush()
-        return float(read_line(worker, WORKER_TIMEOUT))
+        wall, used = map(float, read_line(worker, WORKER_TIMEOUT).split())
+        cpu.append(used)
+        return wall
 
     def sockets(self, rows: set[int], first_layout: bool) -> None:
         """Rows 1-3 and 14 in the current layout (row 2 only in the first)."""
@@ -1714,10 +1751,22 @@ class Compare:
             if number not in rows or (number == 2 and not first_layout):
                 continue
             row = f"{number} {name} [{self.layout}]"
-            jobs = {label: partial(self.job, label, kind, amount) for label in self.labels}
+            cpus: dict[str, list[float]] = {label: [] for label in self.labels}
+            jobs = {
+                label: partial(self.job, label, kind, amount, cpus[label]) for label in self.labels
+            }
             got = interleave_turns({row: jobs}, self.labels, self.reps)[row]
+            cpus = {label: values[1:] for label, values in cpus.items()}  # the warm-up
             self.table.add(row, got["new"], got["old"], lambda v, s=scale, u=unit: f"{v * s:.2f} {u}")
+            if min(cpus["new"] + cpus["old"]) > 0:
+                self.table.add(
+                    f"{number}   CPU (client + daemon) [{self.layout}]",
+                    cpus["new"],
+                    cpus["old"],
+                    lambda v, s=scale, u=unit: f"{v * s:.2f} {u}",
+                )
             _detail(row, got, scale=scale, unit=unit)
+            _detail(f"{row} CPU", cpus, scale=scale, unit=unit)
 
     def frontends(self, rows: set[int]) -> None:
         """Rows 8-13: each interpreter's frontends (apps and folders of its own)."""
@@ -1730,8 +1779,13 @@ class Compare:
             9: ("9 cold README recipe", "cold_recipe"),
             10: ("10 warm send (daemon up)", "warm_send"),
         }
+        chosen = [row for number, (row, _) in single.items() if number in rows]
+        cpus = {row: {label: [] for label in self.labels} for row in chosen}
         sides = {
-            row: {label: getattr(front, method) for label, front in fronts.items()}
+            row: {
+                label: with_cpu(getattr(front, method), cpus[row][label])
+                for label, front in fronts.items()
+            }
             for number, (row, method) in single.items()
             if number in rows
         }
@@ -1744,7 +1798,15 @@ class Compare:
                     stop_daemon(pid)
             for row, values in got.items():
                 self.table.add(row, values["new"], values["old"], ms)
+                cpu = {label: v[1:] for label, v in cpus[row].items()}  # the warm-up
+                self.table.add(
+                    f"{row.split()[0]}   CPU (the frontend's, not a daemon's)",
+                    cpu["new"],
+                    cpu["old"],
+                    ms,
+                )
                 _detail(row, values, scale=1e3, unit="ms")
+                _detail(f"{row} CPU", cpu, scale=1e3, unit="ms")
         for number, size in zip((11, 12), STORM_SIZES):
             if number not in rows:
                 continue
