@@ -48,6 +48,24 @@ CPUs), and ``same``, both on one CPU (every wake-up is a local context switch, s
 CPU work of each side shows). Left to the scheduler, a small VM flips between the two
 from run to run, which makes the numbers bimodal.
 
+Old tree vs new tree (issue 18), one command on POSIX::
+
+    env -u PYTHONDONTWRITEBYTECODE python tests/bench/bench.py \
+        --rows 3,8,9,10,11,12,13,14 --python NEW/bin/python --baseline-python OLD/bin/python
+
+where NEW and OLD are venvs, each with its tree's dockpoint installed by pip (bytecode
+compiled). Only the dockpoint side of each row runs, once per interpreter, the two taking
+turns round by round (new old, then old new, ...) after one warm-up round: rows 1-3 and 14
+through a ``--worker`` child of each interpreter (``-I``: its own installed dockpoint) that
+runs the same client loops against an echo daemon of the same interpreter, in the CPU
+layouts of ``--pin``; rows 8-13 as above, with apps of their own per interpreter; then
+``bench_aio.py --baseline-python`` (the aio echo row; ``--no-aio`` skips it). Printed per
+row: new, old (medians) and new/old, the median (min-max) of the per-round ratios of wall
+time and, below it, of CPU time (rows 1-3, 14: client + echo daemon; 8-10: the frontend's;
+11-12: the frontends'; aio: clients + daemon), marked when the median is above 1.03 (no
+row more than 3 % worse). Rows 4-7 have no such form. It reports and never gates. About
+4.5 minutes with the default ``--reps`` on a 2-core VM (the aio row is 2.5 of them).
+
 ``XDG_RUNTIME_DIR`` points at a private 0700 temporary directory for the run and every
 child process; all children are killed at the end, also on error.
 """
@@ -1328,6 +1346,7 @@ class Frontends:
         python: str,
         env: dict[str, str],
         runtime: str,
+        *,
         tag: str = "",
     ):
         self.table, self.reps, self.python = table, reps, python
@@ -1618,7 +1637,7 @@ def interleave_turns(
 ) -> dict[str, dict[str, list[float]]]:
     """One warm-up round, then ``reps`` rounds; in every round each measure of ``sides``
     runs once per label, the labels taking turns (new old, then old new, ...)."""
-    got = {what: {label: [] for label in labels} for what in sides}
+    got: dict[str, dict[str, list[float]]] = {what: {lb: [] for lb in labels} for what in sides}
     for turn in range(reps + 1):
         order = labels if turn % 2 else labels[::-1]
         for what, jobs in sides.items():
@@ -1665,6 +1684,11 @@ class CompareTable:
 
 def ms(seconds: float) -> str:
     return f"{seconds * 1e3:.2f} ms"
+
+
+def shown(scale: float, unit: str) -> Callable[[float], str]:
+    """How a row shows its seconds: times ``scale``, in ``unit``."""
+    return lambda value: f"{value * scale:.2f} {unit}"
 
 
 class Compare:
@@ -1744,7 +1768,14 @@ class Compare:
         measures = [
             (1, "rt", RT_OPS, f"round trip ({RT_OPS:,} x 1 B)", 1e6 / RT_OPS, "us/op"),
             (2, "bulk", BULK_BYTES, f"bulk ({BULK_BYTES >> 20} MiB)", 1e3, "ms"),
-            (3, "cc", CONNECT_CYCLES, f"connect cycle ({CONNECT_CYCLES:,}x)", 1e6 / CONNECT_CYCLES, "us/cycle"),
+            (
+                3,
+                "cc",
+                CONNECT_CYCLES,
+                f"connect cycle ({CONNECT_CYCLES:,}x)",
+                1e6 / CONNECT_CYCLES,
+                "us/cycle",
+            ),
             (14, "rt", RTT_OPS, f"1-byte round trip ({RTT_OPS:,} x)", 1e6 / RTT_OPS, "us/op"),
         ]
         for number, kind, amount, name, scale, unit in measures:
@@ -1752,18 +1783,18 @@ class Compare:
                 continue
             row = f"{number} {name} [{self.layout}]"
             cpus: dict[str, list[float]] = {label: [] for label in self.labels}
-            jobs = {
+            jobs: dict[str, Callable[[], float]] = {
                 label: partial(self.job, label, kind, amount, cpus[label]) for label in self.labels
             }
             got = interleave_turns({row: jobs}, self.labels, self.reps)[row]
             cpus = {label: values[1:] for label, values in cpus.items()}  # the warm-up
-            self.table.add(row, got["new"], got["old"], lambda v, s=scale, u=unit: f"{v * s:.2f} {u}")
+            self.table.add(row, got["new"], got["old"], shown(scale, unit))
             if min(cpus["new"] + cpus["old"]) > 0:
                 self.table.add(
                     f"{number}   CPU (client + daemon) [{self.layout}]",
                     cpus["new"],
                     cpus["old"],
-                    lambda v, s=scale, u=unit: f"{v * s:.2f} {u}",
+                    shown(scale, unit),
                 )
             _detail(row, got, scale=scale, unit=unit)
             _detail(f"{row} CPU", cpus, scale=scale, unit=unit)
@@ -1771,7 +1802,7 @@ class Compare:
     def frontends(self, rows: set[int]) -> None:
         """Rows 8-13: each interpreter's frontends (apps and folders of its own)."""
         fronts = {
-            label: Frontends(Table(), self.reps, python, self.env, self.runtime, f"-{label}")
+            label: Frontends(Table(), self.reps, python, self.env, self.runtime, tag=f"-{label}")
             for label, python in self.pythons.items()
         }
         single = {
@@ -1780,7 +1811,9 @@ class Compare:
             10: ("10 warm send (daemon up)", "warm_send"),
         }
         chosen = [row for number, (row, _) in single.items() if number in rows]
-        cpus = {row: {label: [] for label in self.labels} for row in chosen}
+        cpus: dict[str, dict[str, list[float]]] = {
+            row: {label: [] for label in self.labels} for row in chosen
+        }
         sides = {
             row: {
                 label: with_cpu(getattr(front, method), cpus[row][label])
@@ -1808,32 +1841,37 @@ class Compare:
                 _detail(row, values, scale=1e3, unit="ms")
                 _detail(f"{row} CPU", cpu, scale=1e3, unit="ms")
         for number, size in zip((11, 12), STORM_SIZES):
-            if number not in rows:
-                continue
-            cpus: dict[str, list[float]] = {label: [] for label in self.labels}
-            started: list[int] = []
-
-            def sends(label: str, size: int = size, cpus: dict[str, list[float]] = cpus) -> float:
-                wall, cpu, spawned, _ = fronts[label].send_storm(size)
-                cpus[label].append(cpu)
-                started.append(spawned)
-                return wall
-
-            row = f"{number} storm of {size} sends, no daemon: wall"
-            jobs = {label: partial(sends, label) for label in self.labels}
-            got = interleave_turns({row: jobs}, self.labels, self.reps)[row]
-            cpus = {label: values[1:] for label, values in cpus.items()}  # the warm-up
-            self.table.add(row, got["new"], got["old"], lambda v: f"{v:.2f} s")
-            self.table.add(
-                f"{number}   CPU (the frontends')", cpus["new"], cpus["old"], lambda v: f"{v:.2f} s"
-            )
-            print(f"{row}: daemons started per storm (both trees, warm-up first): {started}")
-            _detail(row, got, scale=1, unit="s")
+            if number in rows:
+                self.storm(fronts, number, size)
         if 13 in rows:
             row = "13 import dockpoint, cumulative (-X importtime)"
             jobs = {label: front.import_once for label, front in fronts.items()}
-            got = interleave_turns({row: jobs}, self.labels, max(self.reps, IMPORT_RUNS))[row]
-            self.table.add(row, got["new"], got["old"], lambda v: f"{v:.2f} ms")
+            imports = interleave_turns({row: jobs}, self.labels, max(self.reps, IMPORT_RUNS))
+            self.table.add(row, imports[row]["new"], imports[row]["old"], shown(1, "ms"))
+
+    def storm(self, fronts: dict[str, Frontends], number: int, size: int) -> None:
+        """Row 11 or 12: ``size`` sends at once against no daemon, per interpreter."""
+        cpus: dict[str, list[float]] = {label: [] for label in self.labels}
+        started: list[int] = []
+
+        def sends(label: str) -> float:
+            wall, cpu, spawned, _ = fronts[label].send_storm(size)
+            cpus[label].append(cpu)
+            started.append(spawned)
+            return wall
+
+        row = f"{number} storm of {size} sends, no daemon: wall"
+        jobs: dict[str, Callable[[], float]] = {
+            label: partial(sends, label) for label in self.labels
+        }
+        got = interleave_turns({row: jobs}, self.labels, self.reps)[row]
+        cpu = {label: values[1:] for label, values in cpus.items()}  # the warm-up
+        self.table.add(row, got["new"], got["old"], lambda v: f"{v:.2f} s")
+        self.table.add(
+            f"{number}   CPU (the frontends')", cpu["new"], cpu["old"], lambda v: f"{v:.2f} s"
+        )
+        print(f"{row}: daemons started per storm (both trees, warm-up first): {started}")
+        _detail(row, got, scale=1, unit="s")
 
     def aio(self, reps: int, timeout: float) -> None:
         """bench_aio.py's dockpoint.aio echo row, old vs new (its own --baseline-python)."""
@@ -1849,18 +1887,27 @@ class Compare:
             "--json",
         ]
         out = subprocess.run(
-            command, env=self.env, stdin=subprocess.DEVNULL, capture_output=True,
-            text=True, timeout=timeout, check=False,
+            command,
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
         )
         sys.stdout.write(out.stdout)
         sys.stderr.write(out.stderr)
         if out.returncode != 0:
             raise RuntimeError(f"bench_aio.py failed ({out.returncode})")
         result = json.loads(out.stdout.strip().splitlines()[-1])
-        row = f"aio echo ({result['clients']:,} clients x {result['trips']} trips) [{result['pin']}]"
+        row = (
+            f"aio echo ({result['clients']:,} clients x {result['trips']} trips) [{result['pin']}]"
+        )
         seconds, cpu = result["seconds"], result["cpu_seconds"]
         self.table.add(row + ": wall", seconds["new"], seconds["old"], lambda v: f"{v:.2f} s")
-        self.table.add("aio   CPU (clients + daemon)", cpu["new"], cpu["old"], lambda v: f"{v:.2f} s")
+        self.table.add(
+            "aio   CPU (clients + daemon)", cpu["new"], cpu["old"], lambda v: f"{v:.2f} s"
+        )
 
 
 def compare_run(args: argparse.Namespace) -> int:

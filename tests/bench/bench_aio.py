@@ -326,15 +326,17 @@ def compare(args: argparse.Namespace, cpus: list[int]) -> None:
         if args.pin != "none":
             os.sched_setaffinity(0, {cpus[0]})  # the children inherit it
         apps = {label: f"bench-aio-{label}-{os.getpid()}" for label in pythons}
-        daemons = {label: start(py, "serve", "dockpoint", apps[label]) for label, py in pythons.items()}
+        daemons = {
+            label: start(py, "serve", "dockpoint", apps[label]) for label, py in pythons.items()
+        }
         workers = {label: start(py, "worker") for label, py in pythons.items()}
-        for label in pythons:
+        for label, python in pythons.items():
             if read_line(daemons[label], 30) != "ready":
                 raise SystemExit(f"the {label} daemon did not start")
             said = read_line(workers[label], 30).split(maxsplit=2)
             if said[:1] != ["ready"]:
                 raise SystemExit(f"the {label} worker said {said!r}")
-            print(f"{label}: {pythons[label]}: dockpoint {said[1]} from {said[2]}")
+            print(f"{label}: {python}: dockpoint {said[1]} from {said[2]}")
         if args.pin == "split":
             for proc in daemons.values():
                 os.sched_setaffinity(proc.pid, {cpus[1]})
@@ -404,7 +406,9 @@ def main() -> None:
         "and daemons on another, or left to the scheduler",
     )
     parser.add_argument("--json", action="store_true", help="print the results as JSON too")
-    parser.add_argument("--python", default=sys.executable, help="new tree (with --baseline-python)")
+    parser.add_argument(
+        "--python", default=sys.executable, help="new tree (with --baseline-python)"
+    )
     parser.add_argument(
         "--baseline-python",
         help="old vs new tree: run the dockpoint side with --python (new) and with this "
