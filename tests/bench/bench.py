@@ -18,7 +18,8 @@ keeps the issue's workload:
    connecting to a raw listener and vs ``multiprocessing.connection.Client``; also (for
    information) vs a raw client and listener that make the checks dockpoint keeps on
    every connection: the ``lstat`` of the socket's directory, and the peer's credentials
-   on both sides.
+   on both sides. That line's ratio, dockpoint / (raw + the kept checks), is printed as
+   the median (min-max) of the per-round ratios, against a target of <= 1.10 (issue 19).
 4. claim cycle: 1,000 x (claim, close), absolute, plus a cProfile breakdown.
 5. import: ``-X importtime`` in a fresh ``python -I -S``, median of 20: what
    ``import dockpoint`` adds once ``socket`` is imported.
@@ -37,12 +38,33 @@ keeps the issue's workload:
    ``python -c "import dockpoint"`` at once: wall, CPU (the frontends'), daemons started;
    and as many of that ``python -m`` module at once (information).
 13. cumulative ``import dockpoint`` (``-X importtime``) in the frontend interpreter.
+14. 1-byte round trip (issue 19): 10,000 x (1-byte write, 1-byte read) on one connection
+   per round, dockpoint vs a raw ``AF_UNIX`` socket only; median (min-max) of the
+   per-round ratios (information). Numbered last so that rows 1-13 keep their numbers.
 
-Rows 1-3 run in two CPU layouts (``--pin``): ``split``, client on one CPU and the echo
+Rows 1-3 and 14 run in two CPU layouts (``--pin``): ``split``, client on one CPU and the echo
 servers on another (a frontend and a daemon on an idle machine: every wake-up crosses
 CPUs), and ``same``, both on one CPU (every wake-up is a local context switch, so the
 CPU work of each side shows). Left to the scheduler, a small VM flips between the two
 from run to run, which makes the numbers bimodal.
+
+Old tree vs new tree (issue 18), one command on POSIX::
+
+    env -u PYTHONDONTWRITEBYTECODE python tests/bench/bench.py \
+        --rows 3,8,9,10,11,12,13,14 --python NEW/bin/python --baseline-python OLD/bin/python
+
+where NEW and OLD are venvs, each with its tree's dockpoint installed by pip (bytecode
+compiled). Only the dockpoint side of each row runs, once per interpreter, the two taking
+turns round by round (new old, then old new, ...) after one warm-up round: rows 1-3 and 14
+through a ``--worker`` child of each interpreter (``-I``: its own installed dockpoint) that
+runs the same client loops against an echo daemon of the same interpreter, in the CPU
+layouts of ``--pin``; rows 8-13 as above, with apps of their own per interpreter; then
+``bench_aio.py --baseline-python`` (the aio echo row; ``--no-aio`` skips it). Printed per
+row: new, old (medians) and new/old, the median (min-max) of the per-round ratios of wall
+time and, below it, of CPU time (rows 1-3, 14: client + echo daemon; 8-10: the frontend's;
+11-12: the frontends'; aio: clients + daemon), marked when the median is above 1.03 (no
+row more than 3 % worse). Rows 4-7 have no such form. It reports and never gates. About
+4.5 minutes with the default ``--reps`` on a 2-core VM (the aio row is 2.5 of them).
 
 ``XDG_RUNTIME_DIR`` points at a private 0700 temporary directory for the run and every
 child process; all children are killed at the end, also on error.
@@ -76,6 +98,7 @@ HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parent.parent
 
 RT_OPS = 20_000
+RTT_OPS = 10_000
 BULK_BYTES = 256 << 20
 BULK_CHUNK = 64 << 10
 CONNECT_CYCLES = 3_000
@@ -139,9 +162,9 @@ def round_ratios(a: list[float], b: list[float]) -> list[float]:
     return [x / y for x, y in zip(a, b)]
 
 
-def spread(ratios: list[float]) -> str:
+def spread(ratios: list[float], digits: int = 2) -> str:
     """``median (min-max)`` of per-round ratios."""
-    return f"{median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
+    return f"{median(ratios):.{digits}f} ({min(ratios):.{digits}f}-{max(ratios):.{digits}f})"
 
 
 def paired_ratio(a: list[float], b: list[float]) -> float:
@@ -159,11 +182,17 @@ class Children:
         self.env = env
         self.procs: list[subprocess.Popen[bytes]] = []
 
-    def spawn(self, *args: str, stdin: int = subprocess.DEVNULL) -> subprocess.Popen[bytes]:
+    def spawn(
+        self, *args: str, stdin: int = subprocess.DEVNULL, python: str | None = None
+    ) -> subprocess.Popen[bytes]:
+        """This script as a child: by default in this interpreter with ``-S`` (children
+        need only the standard library and dockpoint, on PYTHONPATH; skipping
+        site-packages' .pth hooks keeps process starts short); with ``python``, in that
+        interpreter with ``-I``, so that it imports its own installed dockpoint (no
+        PYTHONPATH, no script directory) and reads and writes bytecode as a user's does."""
+        flags = [sys.executable, "-S"] if python is None else [python, "-I"]
         proc = subprocess.Popen(
-            # -S: children need only the standard library and dockpoint (on PYTHONPATH);
-            # skipping site-packages' .pth hooks keeps process starts short.
-            [sys.executable, "-S", str(Path(__file__).resolve()), *args],
+            [*flags, str(Path(__file__).resolve()), *args],
             env=self.env,
             stdin=stdin,
             stdout=subprocess.PIPE,
@@ -757,7 +786,7 @@ class Bench:
     servers: dict[str, tuple[str, subprocess.Popen[bytes]]] = field(default_factory=dict)
 
     def start_echo_servers(self) -> None:
-        """One echo server per side, for all of rows 1-3 (a separate process each)."""
+        """One echo server per side, for all of rows 1-3 and 14 (a separate process each)."""
         raw_path = os.path.join(self.runtime, "raw.sock")
         mp_path = os.path.join(self.runtime, "mp.sock")
         checks_path = os.path.join(self.runtime, "checks.sock")
@@ -808,6 +837,20 @@ class Bench:
             raw_target=1.05,
             mp_target=0.70,
         )
+
+    def rtt(self, ops: int = RTT_OPS) -> None:
+        """Row 14 (issue 19): the 1-byte round trip on one connection, dockpoint vs a raw
+        ``AF_UNIX`` socket only, with the per-round ratios' median and range."""
+        got = self.compare("rt", ["dockpoint", "raw"], ops)
+        ratios = round_ratios(got["dockpoint"], got["raw"])
+        row = self.row(14, f"1-byte round trip ({ops:,} x, one connection)")
+        self.table.add(
+            row,
+            us(median(got["dockpoint"]) / ops) + "/op",
+            "raw AF_UNIX " + us(median(got["raw"]) / ops),
+            ratio=spread(ratios),
+        )
+        _detail(row, got, scale=1e6 / ops, unit="us/op")
 
     def bulk(self, size: int = BULK_BYTES) -> None:
         got = self.compare("bulk", ["dockpoint", "raw"], size)
@@ -865,12 +908,17 @@ class Bench:
             label=f"{name} vs raw [{self.layout}]",
         )
         if checks:
+            # The floor of issue 19: dockpoint / (raw + the kept checks), per round.
+            floor = round_ratios(got["dockpoint"], got["checks"])
             self.table.add(
                 "",
                 "",
-                f"raw + lstat + peer creds {us(median(got['checks']) / amount)} "
-                f"(itself {paired_ratio(got['checks'], got['raw']):.2f} x raw)",
-                ratio=f"{paired_ratio(got['dockpoint'], got['checks']):.3f}",
+                f"raw + the kept checks (lstat, peer creds) {us(median(got['checks']) / amount)}"
+                f" (itself {paired_ratio(got['checks'], got['raw']):.2f} x raw)",
+                ratio=spread(floor),
+                target="<= 1.10",
+                met=median(floor) <= 1.10,
+                label=f"{name} vs raw + checks [{self.layout}]",
             )
         mp = us(median(got["mp"]) / amount)
         if mp_target is None:
@@ -1271,30 +1319,43 @@ def stop_daemon(pid: int) -> None:
     wait_gone(pid)
 
 
-def recipe_dir(runtime: str) -> Path:
+def recipe_dir(runtime: str, app: str = RECIPE_APP, name: str = "recipe") -> Path:
     """The README's two recipe programs, written out with a bench app name."""
     import re
 
     readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
     blocks = re.findall(r"^<!-- recipe: (\S+) -->\n```python\n(.*?)^```$", readme, re.M | re.S)
-    folder = Path(runtime) / "recipe"
+    folder = Path(runtime) / name
     folder.mkdir(exist_ok=True)
-    for name, code in blocks:
-        ours = re.sub(r'^APP = "[^"\n]*"$', f'APP = "{RECIPE_APP}"', code, count=1, flags=re.M)
-        (folder / name).write_text(ours, encoding="utf-8")
+    for program, code in blocks:
+        ours = re.sub(r'^APP = "[^"\n]*"$', f'APP = "{app}"', code, count=1, flags=re.M)
+        (folder / program).write_text(ours, encoding="utf-8")
     return folder
 
 
 class Frontends:
     """Rows 8-12: ``python -m dockpoint send`` and the README recipe against their floors,
-    run with ``python`` (a venv's interpreter, bytecode cached)."""
+    run with ``python`` (a venv's interpreter, bytecode cached). ``tag`` ends every app
+    name and folder of this instance, so that two of them (two interpreters) can take
+    turns in one run without sharing a daemon."""
 
-    def __init__(self, table: Table, reps: int, python: str, env: dict[str, str], runtime: str):
+    def __init__(
+        self,
+        table: Table,
+        reps: int,
+        python: str,
+        env: dict[str, str],
+        runtime: str,
+        *,
+        tag: str = "",
+    ):
         self.table, self.reps, self.python = table, reps, python
         self.env = frontend_env(env)
-        self.recipe = recipe_dir(runtime)
+        self.spawn_app, self.warm_app = SPAWN_APP + tag, WARM_APP + tag
+        self.storm_app = STORM_APP + tag
+        self.recipe = recipe_dir(runtime, RECIPE_APP + tag, "recipe" + tag)
         # What any ``python -m`` frontend pays: runpy, then import dockpoint, os._exit.
-        self.m_floor = Path(runtime) / "mfloor"
+        self.m_floor = Path(runtime) / ("mfloor" + tag)
         self.m_floor.mkdir(exist_ok=True)
         (self.m_floor / f"{M_FLOOR}.py").write_text(
             "import os\nimport sys\n\nimport dockpoint  # noqa: F401\n\n"
@@ -1325,23 +1386,27 @@ class Frontends:
         return self.run("-m", M_FLOOR, cwd=self.m_floor)[0]
 
     def cold_send(self) -> float:
-        took, out = self.run("-m", "dockpoint", "send", SPAWN_APP, "hello")
+        took, out = self.run("-m", "dockpoint", "send", self.spawn_app, "hello")
         stop_daemon(int(out.split()[0]))
         return took
 
     def warm_send(self) -> float:
-        return self.run("-m", "dockpoint", "send", WARM_APP, "hello")[0]
+        return self.run("-m", "dockpoint", "send", self.warm_app, "hello")[0]
 
     def cold_recipe(self) -> float:
         took, out = self.run(str(self.recipe / "frontend.py"))
         stop_daemon(int(out.split()[1]))  # "daemon PID got hello"
         return took
 
+    def start_warm_daemon(self) -> int:
+        """The daemon ``warm_send`` talks to (its pid; :func:`stop_daemon` ends it)."""
+        _, out = self.run("-m", "dockpoint", "send", self.warm_app, "hi")
+        return int(out.split()[0])
+
     def single(self) -> None:
         """Rows 8-10, interleaved: floor, cold send, cold recipe, then warm send against
         one import (a daemon started for it, stopped after)."""
-        _, out = self.run("-m", "dockpoint", "send", WARM_APP, "hi")
-        warm_daemon = int(out.split()[0])
+        warm_daemon = self.start_warm_daemon()
         got = interleave(
             {
                 "floor2": lambda: self.floor(2),
@@ -1411,21 +1476,27 @@ class Frontends:
             raise RuntimeError(f"{len(bad)} of {len(procs)} failed: {outs[0][1][-500:]!r}")
         return wall, cpu, [o for o, _ in outs], [e for _, e in outs]
 
+    def send_storm(self, size: int) -> tuple[float, float, int, int]:
+        """``size`` sends at once against no daemon: wall, the frontends' CPU, daemons
+        started, replies; the daemons are stopped after."""
+        wall, cpu, outs, errs = self.batch(
+            [["-m", "dockpoint", "send", self.storm_app, f"m{i}", "-v"] for i in range(size)]
+        )
+        pids = {int(o.split()[0]) for o in outs}
+        spawned = [line for e in errs for line in e.splitlines() if b"started one" in line]
+        for pid in pids:
+            stop_daemon(pid)
+        return wall, cpu, len(spawned), len(outs)
+
     def storm(self, size: int) -> None:
         """Rows 11-12: ``size`` sends at once against no daemon vs ``size`` imports at once."""
         started: list[int] = []
         answered: list[int] = []
 
         def sends() -> float:
-            wall, cpu, outs, errs = self.batch(
-                [["-m", "dockpoint", "send", STORM_APP, f"m{i}", "-v"] for i in range(size)]
-            )
-            pids = {int(o.split()[0]) for o in outs}
-            spawned = [line for e in errs for line in e.splitlines() if b"started one" in line]
-            started.append(len(spawned))
-            answered.append(len(outs))
-            for pid in pids:
-                stop_daemon(pid)
+            wall, cpu, spawned, replies = self.send_storm(size)
+            started.append(spawned)
+            answered.append(replies)
             cpus["send"].append(cpu)
             return wall
 
@@ -1480,19 +1551,21 @@ class Frontends:
         )
         _detail(row, got, scale=1, unit="s wall")
 
+    def import_once(self) -> float:
+        """Cumulative ``import dockpoint`` (``-X importtime``) of one fresh interpreter, ms."""
+        out = subprocess.run(
+            [self.python, "-X", "importtime", "-c", "import dockpoint"],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        return parse_importtime(out.stderr)["dockpoint"][1] / 1000
+
     def import_cumulative(self, runs: int = IMPORT_RUNS) -> None:
         """Row 13: cumulative ``import dockpoint`` in the frontend interpreter."""
-        values = []
-        for _ in range(runs + 1):
-            out = subprocess.run(
-                [self.python, "-X", "importtime", "-c", "import dockpoint"],
-                env=self.env,
-                capture_output=True,
-                text=True,
-                timeout=60,
-                check=True,
-            )
-            values.append(parse_importtime(out.stderr)["dockpoint"][1] / 1000)
+        values = [self.import_once() for _ in range(runs + 1)]
         value = median(values[1:])
         self.table.add(
             f"13 import dockpoint, cumulative (median of {runs})",
@@ -1502,6 +1575,387 @@ class Frontends:
             met=value <= 2.0,
             label="import cumulative",
         )
+
+
+# --------------------------------------------------------------------------- old vs new tree
+
+
+WORKER_TIMEOUT = 600.0
+COMPARE_ROWS = (1, 2, 3, 14, 8, 9, 10, 11, 12, 13)
+GUARD = 1.03  # issue 18: no row more than 3 % worse than the old tree
+
+
+def task_cpu(pid: int) -> float:
+    """CPU seconds of process ``pid``'s main thread, to the nanosecond (Linux
+    ``/proc/PID/schedstat``; 0.0 elsewhere). The echo daemons have one thread."""
+    try:
+        with open(f"/proc/{pid}/schedstat", encoding="ascii") as f:
+            return int(f.read().split()[0]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def worker_main() -> None:
+    """``--worker``: the dockpoint client side of rows 1-3 and 14, in this interpreter and
+    with its own dockpoint (it runs with ``-I``). Says ``ready VERSION PATH``, then answers
+    every line ``KIND APP AMOUNT SERVER_PID`` of stdin with ``WALL CPU``: the seconds that
+    row's timed loop took, and the CPU seconds of the round (this process's and the echo
+    daemon's); ends with stdin."""
+    import dockpoint
+
+    print(f"ready {dockpoint.__version__} {Path(dockpoint.__file__).parent}", flush=True)
+    for line in sys.stdin:
+        kind, app, amount, server = line.split()
+        cpu0, server0 = time.process_time(), task_cpu(int(server))
+        wall = client_job(kind, "dockpoint", app, dockpoint)(int(amount))
+        cpu = time.process_time() - cpu0 + task_cpu(int(server)) - server0
+        print(f"{wall!r} {cpu!r}", flush=True)
+
+
+def children_cpu() -> float:
+    """CPU seconds of this process's reaped children so far."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def with_cpu(job: Callable[[], float], into: list[float]) -> Callable[[], float]:
+    """``job``, also appending the CPU seconds of the children it reaped to ``into``."""
+
+    def run() -> float:
+        before = children_cpu()
+        value = job()
+        into.append(children_cpu() - before)
+        return value
+
+    return run
+
+
+def interleave_turns(
+    sides: dict[str, dict[str, Callable[[], float]]], labels: list[str], reps: int
+) -> dict[str, dict[str, list[float]]]:
+    """One warm-up round, then ``reps`` rounds; in every round each measure of ``sides``
+    runs once per label, the labels taking turns (new old, then old new, ...)."""
+    got: dict[str, dict[str, list[float]]] = {what: {lb: [] for lb in labels} for what in sides}
+    for turn in range(reps + 1):
+        order = labels if turn % 2 else labels[::-1]
+        for what, jobs in sides.items():
+            for label in order:
+                value = jobs[label]()
+                if turn:
+                    got[what][label].append(value)
+    return got
+
+
+class CompareTable:
+    """Rows of the old-vs-new comparison: new, old, new/old of the per-round values."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, str, str, str, str]] = []
+        self.worse: list[str] = []
+
+    def add(
+        self,
+        row: str,
+        new: list[float],
+        old: list[float],
+        show: Callable[[float], str],
+        *,
+        guarded: bool = True,
+    ) -> None:
+        """``new``/``old``: per-round costs (times; higher is worse)."""
+        ratios = round_ratios(new, old)
+        verdict = "info"
+        if guarded:
+            verdict = "ok" if median(ratios) <= GUARD else f"WORSE > {GUARD - 1:.0%}"
+            if median(ratios) > GUARD:
+                self.worse.append(row.strip())
+        self.rows.append((row, show(median(new)), show(median(old)), spread(ratios, 3), verdict))
+
+    def render(self) -> str:
+        head = ("row", "new", "old", "new/old median (min-max)", f"<= {GUARD:.2f}?")
+        widths = [max(len(r[i]) for r in [head, *self.rows]) for i in range(5)]
+        lines = []
+        for r in [head, tuple("-" * w for w in widths), *self.rows]:
+            lines.append("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
+        return "\n".join(lines)
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.2f} ms"
+
+
+def shown(scale: float, unit: str) -> Callable[[float], str]:
+    """How a row shows its seconds: times ``scale``, in ``unit``."""
+    return lambda value: f"{value * scale:.2f} {unit}"
+
+
+class Compare:
+    """Issue 18's guard: the dockpoint side of each row, run by the new and the old
+    interpreter (each a venv with its tree's dockpoint) taking turns round by round."""
+
+    def __init__(
+        self,
+        pythons: dict[str, str],
+        reps: int,
+        children: Children,
+        runtime: str,
+        env: dict[str, str],
+    ) -> None:
+        self.pythons, self.reps, self.children = pythons, reps, children
+        self.runtime, self.env = runtime, env
+        self.labels = list(pythons)
+        self.table = CompareTable()
+        self.servers: dict[str, subprocess.Popen[bytes]] = {}
+        self.workers: dict[str, subprocess.Popen[bytes]] = {}
+        self.layout = "unpinned"
+
+    def app(self, label: str) -> str:
+        return f"{ECHO_APP}-{label}"
+
+    def start_sockets(self) -> None:
+        """Per interpreter: a dockpoint echo daemon and a client worker, both its own."""
+        for label, python in self.pythons.items():
+            self.servers[label] = self.children.spawn(
+                "--serve", "dockpoint", self.app(label), python=python
+            )
+            self.workers[label] = self.children.spawn(
+                "--worker", python=python, stdin=subprocess.PIPE
+            )
+        for label in self.labels:
+            wait_ready(self.servers[label])
+            said = read_line(self.workers[label], START_TIMEOUT).split(maxsplit=2)
+            if said[:1] != ["ready"]:
+                raise RuntimeError(f"the {label} worker said {said!r}")
+            print(f"{label}: {self.pythons[label]}: dockpoint {said[1]} from {said[2]}")
+
+    def stop_sockets(self) -> None:
+        for proc in [*self.workers.values(), *self.servers.values()]:
+            self.children.end(proc)
+        self.workers.clear()
+        self.servers.clear()
+
+    def place(self, layout: str) -> None:
+        """As :meth:`Bench.place`: the workers (and this process, which only waits) are
+        the client side, the echo daemons the server side."""
+        self.layout = layout
+        if not hasattr(os, "sched_setaffinity"):
+            return
+        if layout == "unpinned":
+            client, server = ALL_CPUS, ALL_CPUS
+        else:
+            first, second = sorted(ALL_CPUS)[:2]
+            client, server = {first}, ({second} if layout == "split" else {first})
+        os.sched_setaffinity(0, client)
+        for proc in self.workers.values():
+            os.sched_setaffinity(proc.pid, client)
+        for proc in self.servers.values():
+            os.sched_setaffinity(proc.pid, server)
+
+    def job(self, label: str, kind: str, amount: int, cpu: list[float]) -> float:
+        """One round of the worker of ``label``: its wall seconds (the CPU to ``cpu``)."""
+        worker, server = self.workers[label], self.servers[label]
+        assert worker.stdin is not None
+        worker.stdin.write(f"{kind} {self.app(label)} {amount} {server.pid}\n".encode())
+        worker.stdin.flush()
+        wall, used = map(float, read_line(worker, WORKER_TIMEOUT).split())
+        cpu.append(used)
+        return wall
+
+    def sockets(self, rows: set[int], first_layout: bool) -> None:
+        """Rows 1-3 and 14 in the current layout (row 2 only in the first)."""
+        measures = [
+            (1, "rt", RT_OPS, f"round trip ({RT_OPS:,} x 1 B)", 1e6 / RT_OPS, "us/op"),
+            (2, "bulk", BULK_BYTES, f"bulk ({BULK_BYTES >> 20} MiB)", 1e3, "ms"),
+            (
+                3,
+                "cc",
+                CONNECT_CYCLES,
+                f"connect cycle ({CONNECT_CYCLES:,}x)",
+                1e6 / CONNECT_CYCLES,
+                "us/cycle",
+            ),
+            (14, "rt", RTT_OPS, f"1-byte round trip ({RTT_OPS:,} x)", 1e6 / RTT_OPS, "us/op"),
+        ]
+        for number, kind, amount, name, scale, unit in measures:
+            if number not in rows or (number == 2 and not first_layout):
+                continue
+            row = f"{number} {name} [{self.layout}]"
+            cpus: dict[str, list[float]] = {label: [] for label in self.labels}
+            jobs: dict[str, Callable[[], float]] = {
+                label: partial(self.job, label, kind, amount, cpus[label]) for label in self.labels
+            }
+            got = interleave_turns({row: jobs}, self.labels, self.reps)[row]
+            cpus = {label: values[1:] for label, values in cpus.items()}  # the warm-up
+            self.table.add(row, got["new"], got["old"], shown(scale, unit))
+            if min(cpus["new"] + cpus["old"]) > 0:
+                self.table.add(
+                    f"{number}   CPU (client + daemon) [{self.layout}]",
+                    cpus["new"],
+                    cpus["old"],
+                    shown(scale, unit),
+                )
+            _detail(row, got, scale=scale, unit=unit)
+            _detail(f"{row} CPU", cpus, scale=scale, unit=unit)
+
+    def frontends(self, rows: set[int]) -> None:
+        """Rows 8-13: each interpreter's frontends (apps and folders of its own)."""
+        fronts = {
+            label: Frontends(Table(), self.reps, python, self.env, self.runtime, tag=f"-{label}")
+            for label, python in self.pythons.items()
+        }
+        single = {
+            8: ("8 cold send (no daemon -> reply)", "cold_send"),
+            9: ("9 cold README recipe", "cold_recipe"),
+            10: ("10 warm send (daemon up)", "warm_send"),
+        }
+        chosen = [row for number, (row, _) in single.items() if number in rows]
+        cpus: dict[str, dict[str, list[float]]] = {
+            row: {label: [] for label in self.labels} for row in chosen
+        }
+        sides = {
+            row: {
+                label: with_cpu(getattr(front, method), cpus[row][label])
+                for label, front in fronts.items()
+            }
+            for number, (row, method) in single.items()
+            if number in rows
+        }
+        if sides:
+            warm = {label: front.start_warm_daemon() for label, front in fronts.items()}
+            try:
+                got = interleave_turns(sides, self.labels, self.reps)
+            finally:
+                for pid in warm.values():
+                    stop_daemon(pid)
+            for row, values in got.items():
+                self.table.add(row, values["new"], values["old"], ms)
+                cpu = {label: v[1:] for label, v in cpus[row].items()}  # the warm-up
+                self.table.add(
+                    f"{row.split()[0]}   CPU (the frontend's, not a daemon's)",
+                    cpu["new"],
+                    cpu["old"],
+                    ms,
+                )
+                _detail(row, values, scale=1e3, unit="ms")
+                _detail(f"{row} CPU", cpu, scale=1e3, unit="ms")
+        for number, size in zip((11, 12), STORM_SIZES):
+            if number in rows:
+                self.storm(fronts, number, size)
+        if 13 in rows:
+            row = "13 import dockpoint, cumulative (-X importtime)"
+            jobs = {label: front.import_once for label, front in fronts.items()}
+            imports = interleave_turns({row: jobs}, self.labels, max(self.reps, IMPORT_RUNS))
+            self.table.add(row, imports[row]["new"], imports[row]["old"], shown(1, "ms"))
+
+    def storm(self, fronts: dict[str, Frontends], number: int, size: int) -> None:
+        """Row 11 or 12: ``size`` sends at once against no daemon, per interpreter."""
+        cpus: dict[str, list[float]] = {label: [] for label in self.labels}
+        started: list[int] = []
+
+        def sends(label: str) -> float:
+            wall, cpu, spawned, _ = fronts[label].send_storm(size)
+            cpus[label].append(cpu)
+            started.append(spawned)
+            return wall
+
+        row = f"{number} storm of {size} sends, no daemon: wall"
+        jobs: dict[str, Callable[[], float]] = {
+            label: partial(sends, label) for label in self.labels
+        }
+        got = interleave_turns({row: jobs}, self.labels, self.reps)[row]
+        cpu = {label: values[1:] for label, values in cpus.items()}  # the warm-up
+        self.table.add(row, got["new"], got["old"], lambda v: f"{v:.2f} s")
+        self.table.add(
+            f"{number}   CPU (the frontends')", cpu["new"], cpu["old"], lambda v: f"{v:.2f} s"
+        )
+        print(f"{row}: daemons started per storm (both trees, warm-up first): {started}")
+        _detail(row, got, scale=1, unit="s")
+
+    def aio(self, reps: int, timeout: float) -> None:
+        """bench_aio.py's dockpoint.aio echo row, old vs new (its own --baseline-python)."""
+        command = [
+            sys.executable,
+            str(HERE / "bench_aio.py"),
+            "--python",
+            self.pythons["new"],
+            "--baseline-python",
+            self.pythons["old"],
+            "--reps",
+            str(reps),
+            "--json",
+        ]
+        out = subprocess.run(
+            command,
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        sys.stdout.write(out.stdout)
+        sys.stderr.write(out.stderr)
+        if out.returncode != 0:
+            raise RuntimeError(f"bench_aio.py failed ({out.returncode})")
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+        row = (
+            f"aio echo ({result['clients']:,} clients x {result['trips']} trips) [{result['pin']}]"
+        )
+        seconds, cpu = result["seconds"], result["cpu_seconds"]
+        self.table.add(row + ": wall", seconds["new"], seconds["old"], lambda v: f"{v:.2f} s")
+        self.table.add(
+            "aio   CPU (clients + daemon)", cpu["new"], cpu["old"], lambda v: f"{v:.2f} s"
+        )
+
+
+def compare_run(args: argparse.Namespace) -> int:
+    """``--baseline-python``: the old-vs-new comparison (issue 18); reports, exit 0."""
+    started = time.perf_counter()
+    pythons = {"new": args.python, "old": args.baseline_python}
+    rows = [row for row in COMPARE_ROWS if row in set(args.rows)]
+    skipped = sorted(set(args.rows) - set(COMPARE_ROWS))
+    print(f"old vs new tree: rows {', '.join(map(str, rows))}" + ("" if args.no_aio else ", aio"))
+    if skipped:
+        print(f"  (rows {', '.join(map(str, skipped))} have no old-vs-new form: not run)")
+    print(f"machine: {machine()}; load {os.getloadavg()}")
+    print(
+        f"repetitions: {args.reps} per side (row 13: {max(args.reps, IMPORT_RUNS)}), the two "
+        "interpreters taking turns (new old, old new, ...) after one warm-up round"
+    )
+    with private_runtime_dir() as runtime:
+        env = dict(os.environ)
+        env.pop("PYTHONPATH", None)  # each interpreter imports its own installed dockpoint
+        env = frontend_env(env)
+        children = Children(env)
+        compare = Compare(pythons, args.reps, children, runtime, env)
+        try:
+            wanted = set(rows)
+            if wanted & {1, 2, 3, 14}:
+                compare.start_sockets()
+                for i, layout in enumerate(layouts(args.pin)):
+                    compare.place(layout)
+                    compare.sockets(wanted, first_layout=i == 0)
+                compare.place("unpinned")
+                compare.stop_sockets()
+            if wanted & {8, 9, 10, 11, 12, 13}:
+                compare.frontends(wanted)
+            children.kill_all()
+            if not args.no_aio:
+                compare.aio(args.aio_reps, timeout=args.aio_timeout)
+        finally:
+            children.kill_all()
+    elapsed = time.perf_counter() - started
+    print()
+    print(compare.table.render())
+    worse = compare.table.worse
+    print(
+        f"COMPARE: {len(worse)} row(s) worse by more than {GUARD - 1:.0%}"
+        + (f": {', '.join(worse)}" if worse else "")
+        + f"; {elapsed:.1f} s wall; load {os.getloadavg()}; {machine()}"
+    )
+    return 0
 
 
 # --------------------------------------------------------------------------- main
@@ -1546,7 +2000,7 @@ def run(args: argparse.Namespace) -> int:
         f"repetitions: {args.reps} per side, interleaved, after one warm-up round "
         "(row 5: fresh interpreters)"
     )
-    print(f"CPU layouts for rows 1-3: {', '.join(layouts(args.pin))} (see --pin)")
+    print(f"CPU layouts for rows 1-3, 14: {', '.join(layouts(args.pin))} (see --pin)")
     table = Table()
     wine_note: str | None = "not run (pass --wine)" if 7 not in rows else None
     with private_runtime_dir() as runtime:
@@ -1556,7 +2010,7 @@ def run(args: argparse.Namespace) -> int:
         children = Children(env)
         bench = Bench(dockpoint, table, runtime, args.reps, children)
         try:
-            if rows & {1, 2, 3}:
+            if rows & {1, 2, 3, 14}:
                 bench.start_echo_servers()
                 for layout in layouts(args.pin):
                     bench.place(layout)
@@ -1566,6 +2020,8 @@ def run(args: argparse.Namespace) -> int:
                         bench.bulk()
                     if 3 in rows:
                         bench.connect_cycle()
+                    if 14 in rows:
+                        bench.rtt()
                 bench.place("unpinned")
                 for _, server in bench.servers.values():
                     children.end(server)
@@ -1628,14 +2084,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--rows",
         type=lambda s: [int(x) for x in s.split(",")],
-        default=[1, 2, 3, 4, 5, 6, 8, 9, 10, 11, 12, 13],
+        default=[1, 2, 3, 4, 5, 6, 8, 9, 10, 11, 12, 13, 14],
         help="comma-separated rows to run (default all but 7; 7 is --wine)",
     )
     parser.add_argument(
         "--pin",
         choices=PIN_CHOICES,
         default="both",
-        help="CPU layout of client and echo servers in rows 1-3: split (client and server "
+        help="CPU layout of client and echo servers in rows 1-3, 14: split (client and server "
         "on two CPUs), same (one CPU), both (default: split, then same), unpinned",
     )
     parser.add_argument("--no-profile", action="store_true", help="skip row 4's profile")
@@ -1644,13 +2100,27 @@ def main(argv: list[str] | None = None) -> int:
         default=sys.executable,
         help="interpreter for rows 8-13 (frontends): use a venv's, not a pyenv shim",
     )
+    parser.add_argument(
+        "--baseline-python",
+        help="compare trees (issue 18): the dockpoint side of rows 1-3, 8-14 and of "
+        "bench_aio.py, run by --python (new) and by this interpreter (old: a venv with the "
+        "old tree's dockpoint) taking turns; prints new/old per row (median of per-round "
+        "ratios, range)",
+    )
+    parser.add_argument("--no-aio", action="store_true", help="with --baseline-python: no aio row")
+    parser.add_argument("--aio-reps", type=int, default=7, help="rounds of the aio row (compare)")
+    parser.add_argument("--aio-timeout", type=float, default=900.0)
     parser.add_argument("--wine", action="store_true", help="also run row 7 under Wine")
     parser.add_argument("--wine-timeout", type=float, default=600.0)
     # Internal: the child roles of this script.
     parser.add_argument("--serve", nargs=2, metavar=("KIND", "WHERE"), help=argparse.SUPPRESS)
     parser.add_argument("--burst-worker", nargs=2, metavar=("APP", "N"), help=argparse.SUPPRESS)
     parser.add_argument("--wine-side", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.worker:
+        worker_main()
+        return 0
     if args.serve:
         kind, where = args.serve
         servers: dict[str, Callable[[str], None]] = {
@@ -1671,6 +2141,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.reps < 5:
         parser.error("--reps must be at least 5 (the issue asks for a median of >= 5)")
+    if args.baseline_python:
+        return compare_run(args)
     if args.wine:
         args.rows.append(7)
     return run(args)

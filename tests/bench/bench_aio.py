@@ -36,6 +36,13 @@ CPU, so a busy or small machine's scheduler does not decide the result), ``split
 daemon's CPU seconds per round, Linux and Windows) is printed too: it is the steadiest number when
 other work shares the machine.
 
+Old tree vs new tree (issue 18; POSIX): ``--python NEW --baseline-python OLD`` (each a
+venv's interpreter with its tree's dockpoint installed) runs the dockpoint side only, once
+per interpreter: a daemon and a client process of each (``-I``: its own installed
+dockpoint, bytecode read and written), the two taking turns round by round in alternating
+order after a warm-up; it prints new/old of the wall and CPU seconds per round (median and
+range of the per-round ratios). ``tests/bench/bench.py --baseline-python`` runs this too.
+
 ``XDG_RUNTIME_DIR`` (Windows: ``LOCALAPPDATA``, where the lock files live) points at a
 private 0700 temporary directory for the run; the daemons are killed at the end, also on
 error. The CPU cost ratio needs the daemon's CPU time: ``/proc`` on Linux,
@@ -263,6 +270,129 @@ def spawn(side: str, where: str, env: dict[str, str]) -> subprocess.Popen[bytes]
     return proc
 
 
+def read_line(proc: subprocess.Popen[bytes], timeout: float) -> str:
+    """One line of a child's stdout within ``timeout`` seconds (POSIX: select on a pipe)."""
+    import select
+
+    assert proc.stdout is not None
+    fd, line, deadline = proc.stdout.fileno(), b"", time.monotonic() + timeout
+    while not line.endswith(b"\n"):
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            raise TimeoutError(f"child {proc.args!r} said nothing within {timeout} s")
+        byte = os.read(fd, 1)
+        if not byte:
+            raise RuntimeError(f"child {proc.args!r} exited (code {proc.poll()})")
+        line += byte
+    return line.decode().strip()
+
+
+def worker() -> None:
+    """``worker``: the dockpoint clients of a round, in this interpreter with its own
+    dockpoint. Says ``ready VERSION PATH``; answers each stdin line ``APP DAEMON_PID COUNT
+    TRIPS`` with ``WALL CPU`` (seconds; CPU: this process's plus the daemon's)."""
+    import dockpoint.aio
+
+    print(f"ready {dockpoint.__version__} {Path(dockpoint.__file__).parent}", flush=True)
+    for line in sys.stdin:
+        app, pid, count, trips = line.split()
+        took, used = round_of("dockpoint", app, int(pid), int(count), int(trips))
+        print(f"{took!r} {used!r}", flush=True)
+
+
+def spread(values: list[float]) -> str:
+    return f"{statistics.median(values):.3f} ({min(values):.3f}-{max(values):.3f})"
+
+
+def compare(args: argparse.Namespace, cpus: list[int]) -> None:
+    """``--baseline-python``: the dockpoint side, new and old interpreter taking turns."""
+    if WINDOWS:
+        raise SystemExit("--baseline-python: POSIX only")
+    pythons = {"new": args.python, "old": args.baseline_python}
+    runtime = tempfile.mkdtemp(prefix="dockpoint-bench-aio-")
+    os.chmod(runtime, 0o700)
+    env = dict(os.environ, XDG_RUNTIME_DIR=runtime)
+    env.pop("PYTHONPATH", None)
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(python: str, *argv: str) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(
+            [python, "-I", str(HERE), *argv], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
+        )
+        procs.append(proc)
+        return proc
+
+    try:
+        if args.pin != "none":
+            os.sched_setaffinity(0, {cpus[0]})  # the children inherit it
+        apps = {label: f"bench-aio-{label}-{os.getpid()}" for label in pythons}
+        daemons = {
+            label: start(py, "serve", "dockpoint", apps[label]) for label, py in pythons.items()
+        }
+        workers = {label: start(py, "worker") for label, py in pythons.items()}
+        for label, python in pythons.items():
+            if read_line(daemons[label], 30) != "ready":
+                raise SystemExit(f"the {label} daemon did not start")
+            said = read_line(workers[label], 30).split(maxsplit=2)
+            if said[:1] != ["ready"]:
+                raise SystemExit(f"the {label} worker said {said!r}")
+            print(f"{label}: {python}: dockpoint {said[1]} from {said[2]}")
+        if args.pin == "split":
+            for proc in daemons.values():
+                os.sched_setaffinity(proc.pid, {cpus[1]})
+        times: dict[str, list[float]] = {label: [] for label in pythons}
+        cpu: dict[str, list[float]] = {label: [] for label in pythons}
+        labels = list(pythons)
+        for rep in range(args.reps + 1):
+            for label in labels if rep % 2 else labels[::-1]:  # new old, old new, ...
+                stdin = workers[label].stdin
+                assert stdin is not None
+                pid = daemons[label].pid
+                stdin.write(f"{apps[label]} {pid} {args.clients} {args.trips}\n".encode())
+                stdin.flush()
+                took, used = map(float, read_line(workers[label], 600).split())
+                if rep:  # round 0 warms up
+                    times[label].append(took)
+                    cpu[label].append(used)
+        wall_ratios = [n / o for n, o in zip(times["new"], times["old"])]
+        cpu_ratios = [n / o for n, o in zip(cpu["new"], cpu["old"])]
+        print(
+            f"asyncio echo, dockpoint side, new vs old tree: {args.clients} concurrent clients "
+            f"x {args.trips} round trips (connects included), {args.reps} rounds taking turns "
+            f"after a warm-up, CPU layout {args.pin}; {platform_line()}"
+        )
+        for label in labels:
+            print(
+                f"  {label}: wall s per round {' '.join(f'{t:.3f}' for t in times[label])}; "
+                f"CPU s {' '.join(f'{t:.3f}' for t in cpu[label])}"
+            )
+        print(f"  new/old wall: {spread(wall_ratios)}; CPU: {spread(cpu_ratios)}")
+        if args.json:
+            result = {
+                "row": "asyncio new vs old",
+                "platform": platform_line(),
+                "clients": args.clients,
+                "trips": args.trips,
+                "pin": args.pin,
+                "ratios": wall_ratios,
+                "cpu_ratios": cpu_ratios,
+            }
+            print(json.dumps({**result, "seconds": times, "cpu_seconds": cpu}))
+    finally:
+        for proc in procs:
+            if proc.stdin is not None:
+                proc.stdin.close()  # the daemons and workers end with their stdin
+        for proc in procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+            if proc.stdout is not None:
+                proc.stdout.close()
+        shutil.rmtree(runtime, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, default=1000)
@@ -276,10 +406,21 @@ def main() -> None:
         "and daemons on another, or left to the scheduler",
     )
     parser.add_argument("--json", action="store_true", help="print the results as JSON too")
+    parser.add_argument(
+        "--python", default=sys.executable, help="new tree (with --baseline-python)"
+    )
+    parser.add_argument(
+        "--baseline-python",
+        help="old vs new tree: run the dockpoint side with --python (new) and with this "
+        "interpreter (old), each a venv with its tree's dockpoint installed",
+    )
     args = parser.parse_args()
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     if args.pin != "none" and len(cpus) < (2 if args.pin == "split" else 1):
         args.pin = "none"
+    if args.baseline_python:
+        compare(args, cpus)
+        return
     runtime = tempfile.mkdtemp(prefix="dockpoint-bench-aio-")
     os.chmod(runtime, 0o700)
     os.environ["XDG_RUNTIME_DIR"] = runtime
@@ -374,7 +515,10 @@ def main() -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "serve":
-        sys.path.insert(0, str(ROOT))
+        if not sys.flags.isolated:  # -I (--baseline-python): the interpreter's own dockpoint
+            sys.path.insert(0, str(ROOT))
         asyncio.run(serve(sys.argv[2], sys.argv[3]))
+    elif sys.argv[1:] == ["worker"]:
+        worker()
     else:
         main()
