@@ -4,8 +4,7 @@ status report that shows the state of any app's endpoint, and a way to stop its 
 ``serve`` and ``send`` are the whole auto-spawning client-daemon pattern built only on
 the public API; ``status`` (a printer of :func:`dockpoint.probe`) and ``stop`` (of
 :func:`dockpoint.stop`) are what a user runs when their own daemon misbehaves. The code is
-in :mod:`dockpoint._cli` (``send``, ``serve``) and :mod:`dockpoint._cli_more` (the rest),
-so that this module, which ``runpy`` loads, stays small.
+in :mod:`dockpoint._cli`.
 """
 
 import os

@@ -1,9 +1,5 @@
-"""The fast half of ``python -m dockpoint``: ``serve`` and ``send`` (what a frontend and the
-daemon it starts run), the helpers every command shares, and :func:`main`.
-
-``status``, ``stop`` and the argparse parser with its help texts live in
-:mod:`dockpoint._cli_more`, loaded only by a command line the quick ``send`` parser does
-not take: a frontend pays for every module it loads, the daemon it starts too.
+"""``python -m dockpoint``: the commands ``serve``, ``send``, ``status`` and ``stop``, built
+on the public API only, their command-line parser and help texts, and :func:`main`.
 """
 
 from __future__ import annotations
@@ -16,10 +12,9 @@ import dockpoint
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # pragma: no cover - names for type hints only
-    import argparse
-    from collections.abc import Callable, Sequence
+    from collections.abc import Sequence
     from types import FrameType
-    from typing import Any, TextIO
+    from typing import Any, NoReturn, TextIO
 
 #: Exit statuses (documented in ``--help``).
 EXIT_OK = 0
@@ -189,7 +184,7 @@ def send(
     verbose: bool,
 ) -> int:
     """Send ``message`` to the daemon, starting one if nobody is there; print the reply."""
-    stem = f"{app}@{instance}".lower()  # how messages name the endpoint
+    stem = _stem(app, instance)
     deadline = monotonic() + timeout
     started: list[int] = []
 
@@ -259,91 +254,321 @@ def _stem(app: str, instance: str) -> str:
     return f"{app}@{instance}".lower()
 
 
-def _reporting(command: Callable[[], int]) -> int:
-    """Run ``command``; report a problem to fix on stderr in one line, not a traceback."""
+# --------------------------------------------------------------------------- status, stop
+
+#: ``status``'s exit status for each :attr:`dockpoint.Probe.state`.
+STATUS_CODES = {
+    "listening": EXIT_OK,
+    "busy": EXIT_NOBODY,
+    "absent": EXIT_NOBODY,
+    "stale": EXIT_NOBODY,
+    "missing-socket": EXIT_NOBODY,
+    "elsewhere": EXIT_NOBODY,
+    "unsafe": EXIT_ERROR,
+    "foreign": EXIT_ERROR,
+    "blocked": EXIT_ERROR,
+}
+
+
+def status(app: str, instance: str, timeout: float) -> int:
+    """Print what :func:`dockpoint.probe` found; return the exit status."""
+    found = dockpoint.probe(app, instance, timeout=timeout)
+    report = [("endpoint", _stem(app, instance)), ("state", found.state)]
+    report.append(("address", found.address))
+    if found.pid is not None:
+        report.append(("pid", str(found.pid)))
+    if found.info is not None:
+        report.append(("info", found.info))
+    report.append(("reason", found.reason))
+    width = max(len(key) for key, _ in report)
+    for key, value in report:
+        _say(sys.stdout, f"{key.ljust(width)}  {value}")
+    code = STATUS_CODES[found.state]
+    if code == EXIT_ERROR:
+        _log(f"error: {found.reason}")
+    return code
+
+
+def stop(app: str, instance: str, timeout: float) -> int:
+    """Ask the holder of ``(app, instance)`` to exit; say what happened."""
+    stem = _stem(app, instance)
     try:
-        return command()
-    except KeyboardInterrupt:
-        return 130
-    except (UserError, OSError, ValueError) as exc:
-        _log(f"error: {_describe(exc)}")
-        return EXIT_ERROR
+        pid = dockpoint.stop(app, instance, timeout=timeout)
+    except TimeoutError as exc:
+        _log(f"error: {exc}")
+        return EXIT_STUCK
+    if pid is None:
+        found = dockpoint.probe(app, instance, timeout=0)
+        _say(sys.stdout, f"dockpoint: nothing to stop for {stem} ({found.state}): {found.reason}")
+        return EXIT_NOBODY
+    _say(sys.stdout, f"dockpoint: stopped {stem} (pid {pid} released the claim and exited)")
+    return EXIT_OK
 
 
-def _quick_send(argv: Sequence[str]) -> dict[str, Any] | None:
-    """The arguments of a well-formed ``send`` command line, parsed without argparse (a
-    frontend pays for every import); ``None`` for anything else, which argparse parses
-    (and reports errors in) as usual."""
-    if not argv or argv[0] != "send":
-        return None
-    args: dict[str, Any] = {
-        "instance": "default",
-        "timeout": DEFAULT_SEND_TIMEOUT,
-        "idle": DEFAULT_SPAWN_IDLE,
-        "spawn": True,
-        "verbose": False,
-    }
-    positional = []
+# --------------------------------------------------------------------------- the command line
+
+PROG = "python -m dockpoint"
+
+#: Each command's positional arguments and options: option -> the argument it sets, and
+#: each argument's default. An option whose default is a bool is a flag (it negates it);
+#: ``timeout`` and ``idle`` take seconds, ``instance`` a name.
+COMMANDS: dict[str, tuple[tuple[str, ...], dict[str, str], dict[str, Any]]] = {
+    "serve": (("APP",), {"--idle": "idle"}, {"idle": None}),
+    "send": (
+        ("APP", "MESSAGE"),
+        {
+            "--timeout": "timeout",
+            "--idle": "idle",
+            "--no-spawn": "spawn",
+            "-v": "verbose",
+            "--verbose": "verbose",
+        },
+        {
+            "timeout": DEFAULT_SEND_TIMEOUT,
+            "idle": DEFAULT_SPAWN_IDLE,
+            "spawn": True,
+            "verbose": False,
+        },
+    ),
+    "status": (("APP",), {"--timeout": "timeout"}, {"timeout": DEFAULT_STATUS_TIMEOUT}),
+    "stop": (("APP",), {"--timeout": "timeout"}, {"timeout": DEFAULT_STOP_TIMEOUT}),
+}
+
+PROTOCOL = """\
+protocol: a client sends one line (bytes ending in a newline); the daemon answers
+with its own process id, a space and the same line, then closes the connection.
+Example: request b'hello\\n', reply b'4242 hello\\n'."""
+
+FAILED = "  2  usage error, or a problem to fix first (a bad name, an unsafe directory, ...)"
+
+COMMON_OPTIONS = """\
+  APP                  the app name (letters, digits, _ . -)
+  -i, --instance NAME  which endpoint of APP (default: default)
+  -h, --help           show this help and exit"""
+
+HELP = {
+    None: f"""\
+usage: {PROG} [-h] [--version] COMMAND ...
+
+Try out and inspect dockpoint endpoints: an echo daemon, a frontend that starts it
+when nobody is there, and a status report for any app's endpoint.
+
+commands:
+  serve    run an echo daemon for APP (exits quietly if one is already running)
+  send     send MESSAGE to APP's daemon, starting the daemon if nobody is there
+  status   show where APP's endpoint lives and whether a daemon answers
+  stop     ask the process holding APP's endpoint to exit, and wait until it has
+
+options:
+  -h, --help  show this help and exit
+  --version   show dockpoint's version and exit
+
+'{PROG} COMMAND --help' shows a command's options.
+
+examples:
+  {PROG} send demo hello    # the first call starts a daemon
+  {PROG} send demo again    # later calls reuse it
+  {PROG} status demo        # where it lives, who holds it
+  {PROG} stop demo          # ask the daemon to exit
+
+exit status:
+  0  success (for status: a daemon answered)
+  1  no daemon answered (for stop: nothing to stop)
+{FAILED}
+  3  stop: the holder did not let go within --timeout""",
+    "serve": f"""\
+usage: {PROG} serve [-h] [-i NAME] [--idle SECONDS] APP
+
+Claim APP's endpoint and answer every client, one at a time. Once it accepts clients
+it prints 'dockpoint: serving APP@NAME at ADDRESS (pid N)'. If another process holds
+the claim it exits 0 at once and prints nothing. SIGTERM, SIGINT and SIGHUP release
+the endpoint and exit.
+
+{PROTOCOL}
+
+arguments:
+{COMMON_OPTIONS}
+  --idle SECONDS       exit after SECONDS without a client
+                       (default: serve until stopped)
+
+exit status:
+  0  stopped (idle, or by a signal), or another process already serves APP
+{FAILED}""",
+    "send": f"""\
+usage: {PROG} send [-h] [-i NAME] [--timeout SECONDS] [--idle SECONDS]
+                               [--no-spawn] [-v] APP MESSAGE
+
+Connect to APP's daemon and print its reply. When nobody is there, claim APP's
+endpoint, start the echo daemon ('{PROG} serve APP') detached from this
+terminal with the endpoint handed over to it, and talk to it
+(dockpoint.connect_or_spawn). Any number of concurrent 'send's start one daemon and
+all talk to it. A daemon that fails at start is reported with its exit status and
+error output; one that has not started when --timeout runs out is stopped.
+
+{PROTOCOL}
+
+arguments:
+{COMMON_OPTIONS}
+  MESSAGE              one line of text to send (to begin it with '-': -- MESSAGE)
+  --timeout SECONDS    give up after SECONDS without an answer (default: {DEFAULT_SEND_TIMEOUT:g})
+  --idle SECONDS       a daemon this command starts exits after SECONDS without a client
+                       (default: {DEFAULT_SPAWN_IDLE:g})
+  --no-spawn           never start a daemon; exit 1 if nobody is there
+  -v, --verbose        report on stderr what happens (daemon started, its pid, retries)
+
+exit status:
+  0  the reply was printed
+  1  no daemon answered within --timeout (with --no-spawn: nobody is there)
+{FAILED}""",
+    "status": f"""\
+usage: {PROG} status [-h] [-i NAME] [--timeout SECONDS] APP
+
+Print what dockpoint.probe() finds: the endpoint's state, its address, the holder's pid
+and info when known, and one sentence on what to do. Never takes the claim. A daemon
+never sees the check: it is not handed a connection its peer left without a byte.
+
+arguments:
+{COMMON_OPTIONS}
+  --timeout SECONDS    how long a claimed endpoint may take to answer the check
+                       (default: {DEFAULT_STATUS_TIMEOUT:g})
+
+exit status:
+  0  a daemon answered (state: listening)
+  1  no daemon answered here (busy, absent, stale, missing-socket, elsewhere)
+  2  a problem to fix first (unsafe, foreign, blocked; a bad name;
+     XDG_RUNTIME_DIR missing, not a directory or unsafe)
+
+states:
+  listening       a daemon of this user accepted a connection
+  busy            the holder is alive but did not accept within --timeout
+  absent          nobody holds the claim, nothing is left behind
+  stale           files left by a holder that is gone (the next claim replaces them)
+  missing-socket  the claim is held but the socket is gone or replaced: restart it
+  elsewhere       nothing here, but a daemon answers where XDG_RUNTIME_DIR set/unset
+                  would put it: run daemon and clients with the same environment
+  unsafe          a directory or file fails the checks (owner, mode, symlink)
+  foreign         another user serves the endpoint
+  blocked         something that is not a socket sits at the socket path""",
+    "stop": f"""\
+usage: {PROG} stop [-h] [-i NAME] [--timeout SECONDS] APP
+
+Built on dockpoint.stop(): checks that the pid recorded in the lock file still holds
+the claim, asks it to exit, and waits up to --timeout for the claim to be released.
+On POSIX it is sent SIGTERM: any daemon that closes its endpoint on SIGTERM (as
+'serve' does), or dies of it, stops this way. On Windows it is ended
+(TerminateProcess).
+
+arguments:
+{COMMON_OPTIONS}
+  --timeout SECONDS    how long to wait for the holder to let go (default: {DEFAULT_STOP_TIMEOUT:g})
+
+exit status:
+  0  the holder released the claim and exited
+  1  nobody holds the claim here (nothing was sent)
+  2  a problem to fix first (a bad name, an unsafe directory, another user's endpoint)
+  3  the holder still holds the claim after --timeout""",
+}
+
+
+class _Exit(Exception):
+    """Parsing ends here: print ``text`` (to stdout for ``code`` 0, else stderr), exit."""
+
+    def __init__(self, code: int, text: str) -> None:
+        super().__init__(text)
+        self.code = code
+        self.text = text
+
+
+def _usage_error(command: str | None, message: str) -> NoReturn:
+    usage = HELP[command].split("\n\n", 1)[0]
+    where = PROG if command is None else f"{PROG} {command}"
+    raise _Exit(EXIT_ERROR, f"{usage}\n{where}: error: {message}")
+
+
+def parse(argv: Sequence[str]) -> tuple[str, dict[str, Any]]:
+    """The command in ``argv`` and its arguments (``app``, ``instance``, and the
+    command's own), with the names checked.
+
+    :raises _Exit: for ``--help``, ``--version`` and every usage error.
+    """
+    if argv[:1] in (["-h"], ["--help"]):
+        raise _Exit(EXIT_OK, HELP[None])
+    if argv[:1] == ["--version"]:
+        raise _Exit(EXIT_OK, f"dockpoint {dockpoint.__version__}")
+    if not argv or argv[0][:1] == "-":
+        what = "unknown option " + argv[0] if argv else "COMMAND is required"
+        _usage_error(None, f"{what} (choose from {', '.join(COMMANDS)})")
+    command = argv[0]
+    if command not in COMMANDS:
+        _usage_error(None, f"invalid choice: {command!r} (choose from {', '.join(COMMANDS)})")
+    names, options, defaults = COMMANDS[command]
+    args: dict[str, Any] = {"instance": "default", **defaults}
+    positional: list[str] = []
     rest = iter(argv[1:])
     for arg in rest:
-        if arg in ("-v", "--verbose"):
-            args["verbose"] = True
-        elif arg == "--no-spawn":
-            args["spawn"] = False
-        elif arg in ("-i", "--instance"):
-            args["instance"] = next(rest, None)
-        elif arg in ("--timeout", "--idle"):
-            args[arg[2:]] = _parse_seconds(next(rest, "-"))
-        elif arg[:1] == "-":
-            return None
-        else:
+        option, equals, value = arg.partition("=") if arg[:2] == "--" else (arg, "", "")
+        if arg == "--":
+            positional.extend(rest)
+        elif arg in ("-h", "--help"):
+            raise _Exit(EXIT_OK, HELP[command])
+        elif arg[:1] != "-" or arg == "-":
             positional.append(arg)
-    if len(positional) != 2 or None in args.values():
-        return None
-    args["app"], text = positional
+        elif option in ("-i", "--instance") or options.get(option) in ("timeout", "idle"):
+            if not equals:
+                value = next(rest, None)  # type: ignore[assignment]
+                if value is None:
+                    _usage_error(command, f"{option} needs a value")
+            dest = options.get(option, "instance")
+            if dest == "instance":
+                args[dest] = value
+            else:
+                args[dest] = _seconds(command, option, value)
+        elif option in options and not equals:
+            args[options[option]] = not defaults[options[option]]
+        else:
+            _usage_error(command, f"unrecognized option: {arg}")
+    if len(positional) < len(names):
+        missing = " ".join(names[len(positional) :])
+        _usage_error(command, f"the following arguments are required: {missing}")
+    if len(positional) > len(names):
+        _usage_error(command, f"unrecognized arguments: {' '.join(positional[len(names) :])}")
+    args["app"] = positional[0]
     try:
         dockpoint.address(args["app"], args["instance"])  # checks the names
-    except (TypeError, ValueError):
-        return None
-    args["message"] = os.fsencode(text)
-    if b"\n" in args["message"] or b"\r" in args["message"]:
-        return None
-    return args
-
-
-def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0911 - one per command
-    """Run ``python -m dockpoint`` with ``argv`` (default: the command line)."""
-    quick = _quick_send(sys.argv[1:] if argv is None else argv)
-    if quick is not None:
-        return _reporting(lambda: send(**quick))
-    from ._cli_more import build_parser, status, stop
-
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    sub: argparse.ArgumentParser = args.parser
-    try:
-        dockpoint.address(args.app, args.instance)  # checks the names
     except (TypeError, ValueError) as exc:
-        sub.error(str(exc))
+        _usage_error(command, str(exc))
+    if command == "send":
+        args["message"] = os.fsencode(positional[1])
+        if b"\n" in args["message"] or b"\r" in args["message"]:
+            _usage_error(command, "MESSAGE must be a single line (no line breaks)")
+    return command, args
+
+
+def _seconds(command: str, option: str, text: str) -> float:
+    value = _parse_seconds(text)
+    if value is None:
+        try:
+            float(text)
+        except ValueError:
+            _usage_error(command, f"{option}: not a number of seconds: {text!r}")
+        _usage_error(command, f"{option}: must be a finite number of seconds >= 0: {text!r}")
+    return value
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``python -m dockpoint`` with ``argv`` (default: the command line)."""
     try:
-        if args.command == "serve":
-            return serve(args.app, args.instance, args.idle)
-        if args.command == "send":
-            message = os.fsencode(args.message)
-            if b"\n" in message or b"\r" in message:
-                sub.error("MESSAGE must be a single line (no line breaks)")
-            return send(
-                args.app,
-                args.instance,
-                message,
-                timeout=args.timeout,
-                spawn=args.spawn,
-                idle=args.idle,
-                verbose=args.verbose,
-            )
-        if args.command == "stop":
-            return stop(args.app, args.instance, args.timeout)
-        return status(args.app, args.instance, args.timeout)
+        command, args = parse(sys.argv[1:] if argv is None else argv)
+    except _Exit as done:
+        _say(sys.stdout if done.code == EXIT_OK else sys.stderr, done.text)
+        return done.code
+    try:
+        if command == "serve":
+            return serve(args["app"], args["instance"], args["idle"])
+        if command == "send":
+            return send(**args)
+        run = stop if command == "stop" else status
+        return run(args["app"], args["instance"], args["timeout"])
     except KeyboardInterrupt:
         return 130
     except (UserError, OSError, ValueError) as exc:

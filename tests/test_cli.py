@@ -22,6 +22,7 @@ import pytest
 from conftest import LINUX, child_env, simulating_macos_paths
 
 import dockpoint
+from dockpoint._cli import DEFAULT_SPAWN_IDLE, DEFAULT_STOP_TIMEOUT, main, parse
 from dockpoint._names import endpoint_stem
 
 if TYPE_CHECKING:
@@ -470,7 +471,7 @@ from dockpoint._cli import daemon, main
 app = sys.argv[1]
 served = daemon(["serve", app, "default", "0.05"])  # claims, sets handlers, idles out
 sent = main(["send", app, "hi", "--no-spawn"])  # nobody there now: exit status 1
-heavy = {"signal", "enum", "warnings", "argparse", "dockpoint._cli_more", "subprocess"}
+heavy = {"signal", "enum", "warnings", "argparse", "subprocess"}
 print(served, sent, " ".join(sorted(heavy & (set(sys.modules) - before))) or "none")
 """
 
@@ -1025,44 +1026,91 @@ def test_send_no_spawn(env: dict[str, str], app: str, runtime: Path) -> None:
 # --------------------------------------------------------------------------- help, errors
 
 
-def test_help(env: dict[str, str]) -> None:
-    result = cli(env, "--help")
-    assert result.returncode == 0
-    assert result.stderr == b""
-    text = result.stdout.decode()
+def run_main(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """``python -m dockpoint ARGS`` in this process: exit status, stdout, stderr."""
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_help(capsys: pytest.CaptureFixture[str]) -> None:
+    code, text, err = run_main(capsys, "--help")
+    assert (code, err) == (0, "")
     assert text.startswith("usage: python -m dockpoint ")
-    for word in ("serve", "send", "status", "exit status", "send demo hello"):
+    for word in ("serve", "send", "status", "stop", "exit status", "send demo hello"):
         assert word in text
     for command in ("serve", "send", "status", "stop"):
-        result = cli(env, command, "--help")
-        assert result.returncode == 0
-        assert f"usage: python -m dockpoint {command} ".encode() in result.stdout
-    served = cli(env, "serve", "--help").stdout.decode()
+        for flag in ("-h", "--help"):
+            code, text, err = run_main(capsys, command, "x", flag)
+            assert (code, err) == (0, "")
+            assert text.startswith(f"usage: python -m dockpoint {command} ")
+            assert max(map(len, text.splitlines())) <= 88, text
+    served = run_main(capsys, "serve", "--help")[1]
     assert "process id, a space and the same line" in " ".join(served.split())
-    version = cli(env, "--version")
-    assert version.stdout.decode().strip() == f"dockpoint {dockpoint.__version__}"
+    assert run_main(capsys, "--version") == (0, f"dockpoint {dockpoint.__version__}\n", "")
+
+
+def test_help_is_written_by_python_m(env: dict[str, str]) -> None:
+    result = cli(env, "send", "--help")
+    assert result.returncode == 0
+    assert result.stdout.startswith(b"usage: python -m dockpoint send ")
 
 
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
-        ([], "required"),
-        (["launch", "x"], "invalid choice"),
-        (["send", "x"], "required"),
+        ([], "COMMAND is required"),
+        (["-x"], "unknown option -x"),
+        (["launch", "x"], "invalid choice: 'launch'"),
+        (["send", "x"], "required: MESSAGE"),
+        (["status"], "required: APP"),
         (["send", "bad/name", "hi"], "app_name 'bad/name' is not allowed"),
         (["status", ".hidden"], "app_name '.hidden' is not allowed"),
         (["serve", "ok", "--instance", ""], "instance must not be empty"),
+        (["serve", "ok", "--instance="], "instance must not be empty"),
         (["send", "x" * 65, "hi"], "at most 64"),
         (["send", "ok", "two\nlines"], "single line"),
-        (["send", "ok", "hi", "--timeout", "soon"], "not a number of seconds"),
+        (["send", "ok", "hi", "--timeout", "soon"], "--timeout: not a number of seconds"),
         (["serve", "ok", "--idle", "-1"], ">= 0"),
+        (["serve", "ok", "--idle=inf"], ">= 0"),
+        (["stop", "ok", "--timeout"], "--timeout needs a value"),
+        (["status", "ok", "--idle", "1"], "unrecognized option: --idle"),
+        (["send", "ok", "hi", "--no-spawn=1"], "unrecognized option: --no-spawn=1"),
+        (["send", "ok", "hi", "there"], "unrecognized arguments: there"),
     ],
 )
-def test_usage_errors(env: dict[str, str], runtime: Path, args: list[str], needle: str) -> None:
-    result = cli(env, *args)
-    assert_clean_error(result, needle, "usage: python -m dockpoint")
-    assert result.stdout == b""
+def test_usage_errors(
+    capsys: pytest.CaptureFixture[str], runtime: Path, args: list[str], needle: str
+) -> None:
+    code, out, err = run_main(capsys, *args)
+    assert (code, out) == (2, ""), err
+    assert err.startswith("usage: python -m dockpoint"), err
+    assert needle in err.splitlines()[-1], err
     assert os.listdir(runtime) == [], "a rejected command created files"
+
+
+def test_parse_takes_what_argparse_took() -> None:
+    """Options before, between and after the arguments; ``--opt=value``; ``--`` ends
+    the options, so a message may begin with '-'."""
+    command, args = parse(["send", "-v", "ok", "--timeout=2.5", "-i", "Two", "--", "-n"])
+    assert command == "send"
+    assert args == {
+        "app": "ok",
+        "instance": "Two",
+        "message": b"-n",
+        "timeout": 2.5,
+        "idle": DEFAULT_SPAWN_IDLE,
+        "spawn": True,
+        "verbose": True,
+    }
+    assert parse(["send", "ok", "-", "--no-spawn", "--idle", "0"])[1]["message"] == b"-"
+    assert parse(["send", "ok", "-", "--no-spawn"])[1]["spawn"] is False
+    assert parse(["serve", "ok"]) == ("serve", {"app": "ok", "instance": "default", "idle": None})
+    assert parse(["stop", "--instance=x", "ok"])[1] == {
+        "app": "ok",
+        "instance": "x",
+        "timeout": DEFAULT_STOP_TIMEOUT,
+    }
 
 
 # --------------------------------------------------------------------------- send: spawn

@@ -394,7 +394,7 @@ def test_status_prints_what_probe_returns(
 ) -> None:
     """``status`` is a printer of probe(): whatever probe answers is what it prints, and
     its exit status follows from the state alone (it inspects nothing itself)."""
-    from dockpoint import _cli_more
+    from dockpoint import _cli
 
     asked = []
 
@@ -403,7 +403,7 @@ def test_status_prints_what_probe_returns(
         return dockpoint.Probe(state, "/nowhere/x.sock", 4242, "v 9", f"because {state}")
 
     monkeypatch.setattr(dockpoint, "probe", fake)
-    code = _cli_more.status("no-such-app", "other", 0.25)
+    code = _cli.status("no-such-app", "other", 0.25)
     out, err = capsys.readouterr()
     assert asked == [("no-such-app", "other", 0.25)]
     fields = dict(line.split(None, 1) for line in out.splitlines())
