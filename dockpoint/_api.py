@@ -215,9 +215,11 @@ def probe(
 ) -> Probe:
     """Tell what is at the endpoint for ``(app_name, instance)``, and why.
 
-    Read-only: creates nothing and never takes the claim, so a concurrent
+    Read-only: never takes the claim and leaves nothing behind, so a concurrent
     :func:`claim` is unaffected. A connection attempt, if made, is closed at once
-    without a byte sent.
+    without a byte sent; on POSIX it comes from a socket bound to a probe's name
+    (abstract on Linux; elsewhere a file next to the endpoint's socket, removed before
+    this returns), and the listener's ``accept`` drops it unseen.
 
     :param timeout: how long a holder may take to accept the check; ``None`` waits
         for ever.
@@ -244,10 +246,9 @@ def stop(app_name: str, instance: str = "default", *, timeout: float = STOP_TIME
     :raises TimeoutError: the holder still holds the claim after ``timeout``.
     :raises PermissionError: the endpoint is another user's or its directory unsafe.
 
-    On Windows the holder is the server process of the pipe a connection reaches
-    (its pid from ``GetNamedPipeServerProcessId``); it is ended with
-    ``TerminateProcess`` (``os.kill``), which gives it no chance to clean up, and the
-    pipe dies with it.
+    On Windows the pid recorded in the lock file, once checked to hold the claim, is
+    ended with ``TerminateProcess`` (``os.kill``), which gives it no chance to clean
+    up; its pipe and lock die with it.
     """
     stem = endpoint_stem(app_name, instance)
     if timeout is None:

@@ -13,7 +13,7 @@ any language can follow:
 - Windows: ``<socket>`` is the handle of the pipe's listening instance and ``<lock>`` of
   the lock file (inherited handles keep their values), ``<stderr>`` is ``-`` or ``pipe``. A
   ``LockFileEx`` lock is not inherited, so the daemon takes the lock file's hand-over range
-  (byte 2 at offset 2**30, see :mod:`dockpoint._windows`) and writes ``h``; the frontend then
+  (the byte at offset 2**62 + 2, see :mod:`dockpoint._windows`) and writes ``h``; the frontend then
   releases the claim and alive ranges, which the daemon takes, and releases the hand-over
   range. A claimer that wins the claim range while the hand-over range is held gives it back;
 - the daemon verifies and adopts the endpoint, points a capture-pipe standard error at

@@ -1365,7 +1365,9 @@ if sys.platform == "win32":
 
         @staticmethod
         def ask_to_exit(pid: int) -> None:
-            os.kill(pid, 15)  # TerminateProcess (15: SIGTERM as the exit code); the pipe dies too
+            # A detached daemon has no console (no Ctrl+Break) and usually no window (no
+            # WM_CLOSE): TerminateProcess, 15 (SIGTERM) as its exit code.
+            os.kill(pid, 15)
 
         @staticmethod
         def locate(stem: str) -> str:
@@ -1380,10 +1382,6 @@ if sys.platform == "win32":
         @staticmethod
         def holds(stem: str, pid: int) -> bool:
             return _holds(stem, pid)
-
-        # No ask_to_exit: a daemon started detached has no console (so no Ctrl+Break from
-        # GenerateConsoleCtrlEvent) and usually no window (so no WM_CLOSE); Api.stop ends it
-        # with TerminateProcess (os.kill), which also releases its lock and pipe.
 
         @staticmethod
         def listen(stem: str, info: str | None = None) -> tuple[_Listener, str] | None:
