@@ -8,8 +8,9 @@ from __future__ import annotations
 import errno
 import os
 
-# The C modules, not threading, weakref and warnings: import dockpoint takes 2.7 x, 1.5 x
-# and 1.14 x as long with them (3.12, -X importtime, median of 25).
+# The C modules loaded at start-up, not threading, weakref, warnings: with those, bench row
+# 13 (import dockpoint) is 2.54 x, 1.48 x, 1.10 x; row 10 (warm send) 1.24 x, 1.07 x, 1.00 x
+# (3.12, bench.py --baseline-python, median of 21 rounds).
 from _thread import RLock, allocate_lock, get_ident
 from _weakref import ReferenceType, ref
 
@@ -319,8 +320,7 @@ class DockpointConnection(_Closable):
         return f"<DockpointConnection {state}>"
 
 
-try:  # ``warnings.warn`` itself, from the C module loaded at start-up: ``__del__`` may run
-    # when imports no longer work, and ``warnings.py`` is a module a daemon need not load.
+try:  # ``warnings.warn`` itself, from the C module (figures above)
     from _warnings import warn as _warn
 except ImportError:  # pragma: no cover - an interpreter without it
     from warnings import warn as _warn

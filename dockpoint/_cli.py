@@ -4,6 +4,7 @@ on the public API only, their command-line parser and help texts, and :func:`mai
 
 from __future__ import annotations
 
+import _signal as signal  # type: ignore[import-not-found]  # not signal.py: see _signals
 import os
 import sys
 from time import monotonic
@@ -136,9 +137,6 @@ def serve(app: str, instance: str, idle: float | None) -> int:
 
 def _stop_on_signals(dp: dockpoint.Dockpoint) -> None:
     """Make SIGTERM, SIGINT, SIGHUP (SIGBREAK on Windows) release the endpoint cleanly."""
-    # The C module: signal.py imports enum (and with it functools, collections, ...), which
-    # a daemon started by send would load between adopting its endpoint and accepting.
-    import _signal as signal  # type: ignore[import-not-found]
 
     def stop(signum: int, frame: FrameType | None) -> None:
         dp.close()  # wakes accept(), which raises DockpointClosedError

@@ -5,12 +5,12 @@ self-repair), and adopting an endpoint handed over by ``connect_or_spawn``.
 
 from __future__ import annotations
 
-import _socket as socket
+import _socket as socket  # not socket.py: see _posix_stream
 import errno
 import fcntl
 import os
 import sys
-from _thread import RLock
+from _thread import RLock  # not threading: see _classes
 from stat import S_ISFIFO, S_ISREG, S_ISSOCK
 from time import monotonic
 

@@ -6,7 +6,7 @@ a socket bound to a name the listener recognises and drops (:data:`PROBE_ENDS`).
 
 from __future__ import annotations
 
-import _socket as socket
+import _socket as socket  # not socket.py: see _posix_stream
 import errno
 import itertools
 import os

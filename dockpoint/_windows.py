@@ -64,7 +64,7 @@ from __future__ import annotations
 import errno
 import os
 import sys
-from _thread import allocate_lock
+from _thread import allocate_lock  # not threading: see _classes
 from time import monotonic, sleep
 
 from ._classes import BUSY_GRACE, HANDOVER, DockpointClosedError, no_fileno
