@@ -42,7 +42,7 @@ NOBODY = 65534
 posix_only = pytest.mark.skipif(WINDOWS, reason="POSIX only (files, users, signals)")
 as_root = pytest.mark.skipif(not ROOT, reason="needs root to become another user (uid 65534)")
 SEED = int(os.environ.get("DOCKPOINT_TEST_SEED", "20261201"))
-README = Path(__file__).resolve().parent.parent / "README.md"
+EXAMPLE_DOC = Path(__file__).resolve().parent.parent / "docs" / "asyncio.md"
 
 
 def run(coro: Awaitable[T], timeout: float = 60.0) -> T:
@@ -1015,8 +1015,8 @@ def test_racing_frontends_start_one_asyncio_daemon_and_all_get_replies(
             # A connection made while the spawning frontend still held the endpoint names
             # the spawner, not the daemon that serves it: POSIX records the pid of the
             # process that had called listen() when the client connected, Windows the
-            # process that made the pipe instance (README: the Windows protocol). Known,
-            # reported; nothing else may appear there.
+            # process that made the pipe instance (docs/protocol.md, the hand-over).
+            # Known, reported; nothing else may appear there.
             assert report["peer_pid"] == spawner, report
             early += 1
     print(f"{early} of {number - 1} racing frontends' peer_pid named the spawning frontend")
@@ -1024,7 +1024,7 @@ def test_racing_frontends_start_one_asyncio_daemon_and_all_get_replies(
     stop_daemon(app, pid)
 
 
-# --------------------------------------------------------------------------- README
+# --------------------------------------------------------------------------- docs/asyncio.md
 
 
 EXAMPLE = re.compile(r"^<!-- asyncio: (\S+) -->\n```python\n(.*?)^```$", re.MULTILINE | re.DOTALL)
@@ -1033,11 +1033,11 @@ APP_LINE = re.compile(r'^APP = "[^"\n]*"$', re.MULTILINE)
 
 def example_files() -> dict[str, str]:
     found: dict[str, str] = {}
-    for name, code in EXAMPLE.findall(README.read_text(encoding="utf-8")):
-        assert name not in found, f"README.md has two '<!-- asyncio: {name} -->' blocks"
+    for name, code in EXAMPLE.findall(EXAMPLE_DOC.read_text(encoding="utf-8")):
+        assert name not in found, f"docs/asyncio.md has two '<!-- asyncio: {name} -->' blocks"
         found[name] = code
     assert sorted(found) == ["aio_client.py", "aio_daemon.py"], (
-        "README.md must hold the asyncio example as ```python blocks, each right after a "
+        "docs/asyncio.md must hold the asyncio example as ```python blocks, each right after a "
         f"'<!-- asyncio: aio_daemon.py -->' / '<!-- asyncio: aio_client.py -->' line; "
         f"found {sorted(found)}"
     )
@@ -1050,7 +1050,7 @@ def test_readme_asyncio_example_runs(tmp_path: Path, runtime: Path, app: str) ->
     folder.mkdir()
     for name, code in example_files().items():
         ours, count = APP_LINE.subn(f'APP = "{app}"', code)
-        assert count == 1, f"{name} in README.md must set its app name in one 'APP = \"...\"' line"
+        assert count == 1, f"{name} in docs/asyncio.md must set APP in one 'APP = \"...\"' line"
         (folder / name).write_text(ours, encoding="utf-8")
     env = child_env(XDG_RUNTIME_DIR=str(runtime))
     daemon = subprocess.Popen(

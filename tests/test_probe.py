@@ -382,7 +382,9 @@ def test_the_states_are_exactly_the_documented_ones() -> None:
         "foreign",
         "blocked",
     )
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    readme = (Path(__file__).resolve().parent.parent / "docs" / "troubleshooting.md").read_text(
+        encoding="utf-8"
+    )
     table = readme.split("| `Probe.state` |", 1)[1].split("\n\n", 1)[0]
     rows = [line.split("|")[1].strip().strip("`") for line in table.splitlines()[2:]]
     assert tuple(rows) == dockpoint.PROBE_STATES

@@ -183,3 +183,22 @@ def test_simplest_daemon_survives_status(
         proc.kill()
         _, err = proc.communicate(timeout=30)
     assert b"Traceback" not in err, err.decode(errors="replace")
+
+
+DOCUMENTS = [README, *sorted((README.parent / "docs").glob("*.md"))]
+PYTHON_BLOCK = re.compile(r"^```python\n(.*?)^```$", re.MULTILINE | re.DOTALL)
+
+
+@pytest.mark.parametrize("document", DOCUMENTS, ids=lambda path: path.name)
+def test_every_python_block_compiles(document: Path) -> None:
+    """Every ```python block of the README and docs/ is valid Python, except the blocks
+    that list signatures (``-> ...`` return annotations, a bare ``*,``)."""
+    for code in PYTHON_BLOCK.findall(document.read_text(encoding="utf-8")):
+        if re.search(r"\) -> |[(,]\s*\*,", code):  # a signature listing, not a program
+            continue
+        compile(code, str(document), "exec", dont_inherit=True)
+
+
+def test_readme_is_a_five_minute_read() -> None:
+    lines = README.read_text(encoding="utf-8").count("\n")
+    assert lines <= 300, f"README.md has {lines} lines; reference belongs in docs/"
