@@ -216,10 +216,11 @@ def probe(
     """Tell what is at the endpoint for ``(app_name, instance)``, and why.
 
     Read-only: never takes the claim and leaves nothing behind, so a concurrent
-    :func:`claim` is unaffected. A connection attempt, if made, is closed at once
-    without a byte sent; on POSIX it comes from a socket bound to a probe's name
-    (abstract on Linux; elsewhere a file next to the endpoint's socket, removed before
-    this returns), and the listener's ``accept`` drops it unseen.
+    :func:`claim` is unaffected, and a daemon never sees it. On POSIX its connection
+    attempt comes from a socket bound to a probe's name (abstract on Linux; elsewhere a
+    file next to the endpoint's socket, removed before this returns), closed without a
+    byte sent, and the listener's ``accept`` drops it unseen. On Windows it never opens
+    a live holder's pipe: ``WaitNamedPipeW`` tells whether an instance is free.
 
     :param timeout: how long a holder may take to accept the check; ``None`` waits
         for ever.

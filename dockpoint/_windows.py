@@ -729,33 +729,48 @@ if sys.platform == "win32":
         _unlock(handle, _CLAIM_RANGE)
         CloseHandle(handle)
 
-    def _held(stem: str) -> bool | None:
-        """Whether a holder is alive for ``stem`` (its lock's alive range is taken);
-        ``None`` if that cannot be told."""
+    def _alive_test(stem: str) -> tuple[bool | None, int | None]:
+        """Whether a holder is alive for ``stem`` (its lock's alive or hand-over range is
+        taken; ``None`` if that cannot be told) and, when none is, the lock file's handle
+        still holding a shared lock on the alive range: until :func:`_resume_claims`, a
+        claimer waits in :func:`_lock_alive`, so no daemon starts serving meanwhile."""
         try:
             _, path = _lock_path(os.environ.get("LOCALAPPDATA"), stem)
         except OSError:
-            return None
+            return None, None
         handle = CreateFileW(
             path, GENERIC_READ, _SHARE_ALL, None, OPEN_EXISTING, FILE_FLAG_OPEN_REPARSE_POINT,
             None,
         )  # fmt: skip
         if handle == INVALID_HANDLE_VALUE or not handle:
             code = ctypes.get_last_error()
-            return False if code in (ERROR_FILE_NOT_FOUND, ERROR_PATH_NOT_FOUND) else None
+            return (False if code in (ERROR_FILE_NOT_FOUND, ERROR_PATH_NOT_FOUND) else None), None
         try:
             # Shared tests: claimers never race for these ranges. The hand-over range
             # covers the moment a spawned daemon takes the claim over from its frontend.
-            for lock_range in (_ALIVE_RANGE, _HANDOVER_RANGE):
-                code = _try_lock(handle, lock_range, 0)
-                if code == ERROR_LOCK_VIOLATION:
-                    return True
-                if code:
-                    return None
-                _unlock(handle, lock_range)
-            return False
-        finally:
+            code = _try_lock(handle, _ALIVE_RANGE, 0)
+            if not code:
+                code = _try_lock(handle, _HANDOVER_RANGE, 0)
+                if not code:
+                    _unlock(handle, _HANDOVER_RANGE)
+                    return False, handle
+                _unlock(handle, _ALIVE_RANGE)
             CloseHandle(handle)
+            return (True if code == ERROR_LOCK_VIOLATION else None), None
+        except BaseException:
+            CloseHandle(handle)
+            raise
+
+    def _resume_claims(handle: int | None) -> None:
+        if handle is not None:
+            _unlock(handle, _ALIVE_RANGE)
+            CloseHandle(handle)
+
+    def _held(stem: str) -> bool | None:
+        """Whether a holder is alive for ``stem``; ``None`` if that cannot be told."""
+        held, handle = _alive_test(stem)
+        _resume_claims(handle)
+        return held
 
     def _read_lock(path: str) -> bytes | None:
         """The lock file's text (its first 4 KiB), or ``None`` if there is no lock file."""
@@ -776,21 +791,29 @@ if sys.platform == "win32":
         finally:
             CloseHandle(handle)
 
-    def _holder(stem: str) -> tuple[bool | None, int | None, str | None]:
-        """Whether a holder is alive for ``stem``, and the pid and info its lock file
-        records; read-only (the shared test of the alive range only)."""
+    def _holder(stem: str) -> tuple[bool | None, int | None, str | None, int | None]:
+        """Whether a holder is alive for ``stem``, the pid and info its lock file records,
+        and the guard of :func:`_alive_test` (to pass to :func:`_resume_claims`)."""
         _, path = _lock_path(os.environ.get("LOCALAPPDATA"), stem)
         data = _read_lock(path)
         if data is None:
-            return False, None, None
+            return False, None, None, None
         pid, info = _lock_record(data)
-        return _held(stem), pid, info
+        held, guard = _alive_test(stem)
+        return held, pid, info, guard
 
-    def _pipe_exists(name: str) -> bool:
-        """Whether some instance of the pipe ``name`` exists (free or busy)."""
-        if WaitNamedPipeW(name, 1):
-            return True
-        return ctypes.get_last_error() != ERROR_FILE_NOT_FOUND
+    def _free_instance(name: str, timeout: float | None) -> int:
+        """Wait up to ``timeout`` for a free instance of the pipe ``name`` without opening
+        one (an open is a connection the daemon's accept() would return): 0 when one is
+        free, else the error (``ERROR_FILE_NOT_FOUND``: no pipe; ``ERROR_SEM_TIMEOUT``)."""
+        deadline = None if timeout is None else monotonic() + timeout
+        while True:
+            wait = max(1, _slice_ms(deadline, monotonic()))  # 0 would mean "the default"
+            if WaitNamedPipeW(name, wait):
+                return 0
+            code = ctypes.get_last_error()
+            if code != ERROR_SEM_TIMEOUT or (deadline is not None and monotonic() >= deadline):
+                return code
 
     def _inspect(stem: str, timeout: float | None) -> tuple[str, str, int | None, str | None, str]:  # noqa: PLR0911 - one return per state
         user = _user_sid()
@@ -806,41 +829,49 @@ if sys.platform == "win32":
                     "unsafe", name, None, None,
                     f"the lock directory {directory} is unsafe: {reason}; remove it or fix it",
                 )  # fmt: skip
-            held, pid, info = _holder(stem)
+            held, pid, info, guard = _holder(stem)
         except OSError as exc:
             what = exc.filename or "the lock file"
             return "unsafe", name, None, None, f"{what} cannot be checked: {exc.strerror}"
         who = f"pid {pid}" if pid is not None else "a process"
+        if held:  # the pipe is the holder's: ask for a free instance, never open one
+            code = _free_instance(name, timeout)
+            if not code:
+                return (
+                    "listening", name, pid, info,
+                    f"a daemon of this user ({who}) holds the claim and a pipe instance is "
+                    f"free for a client at {name}",
+                )  # fmt: skip
+            if code == ERROR_FILE_NOT_FOUND:
+                return (
+                    "missing-socket", name, pid, info,
+                    f"{who} holds the claim but has no pipe instance at {name} (it is still "
+                    "starting, or failed to create one): wait, or stop it and start it again",
+                )  # fmt: skip
+            waited = f"within {timeout:g} s" if timeout is not None else "in time"
+            return (
+                "busy", name, pid, info,
+                f"the holder ({who}) is alive but every pipe instance stayed busy {waited}:"
+                " it is busy or stuck; wait, or stop it and start it again",
+            )  # fmt: skip
+        # Nobody holds the claim, and nobody can finish claiming while the guard holds
+        # its shared lock: a pipe found now is no daemon's listening endpoint.
         try:
-            channel = _Backend.dial(stem, timeout if held else 0.0)
+            channel = _Backend.dial(stem, 0.0)
         except PermissionError as exc:
             return (
                 "foreign", name, None, None,
                 f"{exc.strerror}: do not send it anything; find out who runs it",
             )  # fmt: skip
+        finally:
+            _resume_claims(guard)
         if channel is not None:
             server = channel.peer_pid
-            channel.close()  # not a byte sent: the daemon reads end of stream
-            # The lock names the holder; the pipe names the process that made the instance,
-            # which for the one handed over by connect_or_spawn is the frontend.
-            if server is not None and (pid is None or not held):
-                pid, who = server, f"pid {server}"
+            channel.close()  # not a byte sent
             return (
-                "listening", name, pid, info,
-                f"a daemon of this user ({who}) accepted a connection at {name}",
-            )  # fmt: skip
-        if held:
-            if _pipe_exists(name):
-                waited = f"within {timeout:g} s" if timeout is not None else "in time"
-                return (
-                    "busy", name, pid, info,
-                    f"the holder ({who}) is alive but every pipe instance stayed busy {waited}:"
-                    " it is busy or stuck; wait, or stop it and start it again",
-                )  # fmt: skip
-            return (
-                "missing-socket", name, pid, info,
-                f"{who} holds the claim but has no pipe instance at {name} (it is still "
-                "starting, or failed to create one): wait, or stop it and start it again",
+                "listening", name, server, info,
+                f"a process of this user (pid {server}) serves {name} without holding its "
+                "claim",
             )  # fmt: skip
         if pid is not None:
             return (
@@ -855,9 +886,10 @@ if sys.platform == "win32":
 
     def _holds(stem: str, pid: int) -> bool:
         try:
-            held, recorded, _ = _holder(stem)
+            held, recorded, _, guard = _holder(stem)
         except OSError:
             return False
+        _resume_claims(guard)
         return bool(held) and recorded == pid
 
     # ----------------------------------------------------------------------- overlapped I/O

@@ -125,10 +125,6 @@ def test_server_and_client_round_trip_and_release(app: str) -> None:
     assert open_fds() == before
 
 
-@pytest.mark.xfail(
-    sys.platform == "win32",
-    reason="Windows: a probe's pipe connection still reaches accept() (issue 18, item 6)",
-)
 def test_probes_never_reach_the_callback(app: str) -> None:
     calls: list[None] = []
 

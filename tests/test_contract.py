@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import array
 import os
-import sys
 import threading
 import time
 
@@ -365,10 +364,6 @@ def test_close_wakes_several_accepting_threads(app: str) -> None:
     assert all(isinstance(e, DockpointClosedError) for e in errors)
 
 
-@pytest.mark.xfail(
-    sys.platform == "win32",
-    reason="Windows: a probe's pipe connection still reaches accept() (issue 18, item 6)",
-)
 def test_accept_never_returns_a_probe(app: str) -> None:
     """probe() (and so status and stop) connects and leaves without a byte: accept() drops
     those connections, whether they queued before it ran or came while it waited."""

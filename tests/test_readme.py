@@ -135,10 +135,6 @@ EXAMPLE = re.compile(
 )
 
 
-@pytest.mark.xfail(
-    sys.platform == "win32",
-    reason="Windows: a probe's pipe connection still reaches accept() (issue 18, item 6)",
-)
 def test_simplest_daemon_survives_status(
     tmp_path: Path,
     runtime: Path,
