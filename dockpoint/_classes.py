@@ -100,7 +100,7 @@ class SpawnError(ChildProcessError):
         return str(self.strerror)  # the message, without "[Errno 10]"
 
 
-def _closed(what: str) -> DockpointClosedError:
+def closed_error(what: str) -> DockpointClosedError:
     return DockpointClosedError(errno.EBADF, f"{what} is closed")
 
 
@@ -199,13 +199,13 @@ class _ClosedChannel:
     peer_pid: int | None = None
 
     def recv(self, max_bytes: int, timeout: float | None) -> bytes:
-        raise _closed("DockpointConnection")
+        raise closed_error("DockpointConnection")
 
     def send(self, data: bytes | memoryview) -> None:
-        raise _closed("DockpointConnection")
+        raise closed_error("DockpointConnection")
 
     def fileno(self) -> int:
-        raise _closed("DockpointConnection")
+        raise closed_error("DockpointConnection")
 
     def close(self) -> None:
         pass
@@ -307,7 +307,7 @@ class DockpointConnection(_Closable):
         """Take the backend's channel out, leaving the connection closed (dockpoint.aio)."""
         ch, self._ch = self._ch, _CLOSED
         if ch is _CLOSED:
-            raise _closed("DockpointConnection")
+            raise closed_error("DockpointConnection")
         return ch
 
     @property
@@ -378,7 +378,7 @@ class Dockpoint(_Closable):
         with self._mutex:
             listener = self._listener
             if listener is None or self._closing:
-                raise _closed("Dockpoint")
+                raise closed_error("Dockpoint")
             if not self._accepting:
                 self._idle.acquire()
             me = get_ident()
@@ -403,7 +403,7 @@ class Dockpoint(_Closable):
             if finish:  # close() ran while this thread accepted and left the release to it
                 self._release(listener)
         if channel is None:
-            raise _closed("Dockpoint")
+            raise closed_error("Dockpoint")
         return DockpointConnection(channel)
 
     def fileno(self) -> int:
@@ -421,7 +421,7 @@ class Dockpoint(_Closable):
         """
         listener = self._listener
         if listener is None or self._closing:
-            raise _closed("Dockpoint")
+            raise closed_error("Dockpoint")
         return listener.fileno()
 
     def close(self) -> None:

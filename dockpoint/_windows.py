@@ -2,7 +2,7 @@
 
 Where: ``\\\\.\\pipe\\dockpoint-<user SID>-<app>@<instance>``. Windows compares pipe names
 case-insensitively, so names that differ only in case would meet anyway; dockpoint lower-cases
-``app_name`` and ``instance`` on every platform (see :func:`dockpoint._common.endpoint_stem`),
+``app_name`` and ``instance`` on every platform (see :func:`dockpoint._names.endpoint_stem`),
 so ``"MyApp"`` and ``"myapp"`` are one endpoint on Windows and POSIX alike. A pipe name is at
 most 256 characters; a longer one is a ``ValueError``.
 
@@ -32,11 +32,16 @@ no client is ever closed unserved. A client that connected, wrote and closed bef
 
 Connect: a client that finds every instance busy waits with ``WaitNamedPipeW`` while the
 lock says a holder is alive; a single attempt (``timeout=None``) gives up (``None``) once it
-has waited :data:`dockpoint._common.BUSY_GRACE` seconds with no instance coming free, so a hung
+has waited :data:`dockpoint._classes.BUSY_GRACE` seconds with no instance coming free, so a hung
 daemon cannot block it for ever while a busy one serving a burst keeps it. Busy
 instances with no lock holder (a holder that closed its ``Dockpoint`` but keeps accepted
 connections, or a dead one's) mean nobody is there: ``None``. A failed wait means "open
 again", which decides.
+
+Probe: with a live holder the probe never opens the pipe (an open is a connection the
+daemon's ``accept`` would return): ``WaitNamedPipeW`` says whether an instance is free. It
+opens the pipe only when nobody holds the claim, under a shared lock on the alive range
+that keeps claimers from finishing a claim meanwhile.
 
 Security: the pipe's owner is the user's SID and its protected DACL has one entry, full
 access for that SID (the instances after the first need ``FILE_CREATE_PIPE_INSTANCE``).
@@ -67,8 +72,8 @@ import sys
 from _thread import allocate_lock  # not threading: see _classes
 from time import monotonic, sleep
 
-from ._classes import BUSY_GRACE, HANDOVER, DockpointClosedError, no_fileno
-from ._names import pipe_name
+from ._classes import BUSY_GRACE, HANDOVER, closed_error, no_fileno
+from ._names import lock_record, lock_text, pipe_name
 from ._win32 import (
     DACL_SECURITY_INFORMATION,
     ERROR_ACCESS_DENIED,
@@ -155,7 +160,7 @@ _ALIVE_RANGE = (1, 0x40000000)
 #: Held by a daemon taking the claim over from the frontend that spawned it, from before
 #: the frontend lets go of the claim range until the daemon holds both others.
 _HANDOVER_RANGE = (2, 0x40000000)
-_ALIVE_WAIT = 5.0  # a client's shared test lock on the alive range lasts microseconds
+_ALIVE_WAIT = 5.0  # others' shared locks on the alive range: a test, or a probe's dial
 #: How long an adopting daemon waits for its frontend to let go of the claim range.
 _HANDOVER_WAIT = 5.0
 #: Errors that mean the peer has closed its end: ``read`` returns ``b""``.
@@ -241,26 +246,6 @@ def _handover_fields(text: str, stem: str) -> tuple[int, int, int, str] | None:
     if len(fields) != 5 or fields[0] != stem or not all(f.isdigit() for f in fields[1:4]):
         return None
     return int(fields[1]), int(fields[2]), int(fields[3]), fields[4]
-
-
-def _lock_text(pid: int, info: str | None) -> bytes:
-    """The lock file's content: the pid, then the optional one-line ``info``, UTF-8."""
-    text = f"{pid}\n"
-    if info is not None:
-        if "\n" in info or "\r" in info:
-            raise ValueError("info must be a single line (no '\\n' or '\\r')")
-        text += info + "\n"
-    return text.encode("utf-8")
-
-
-def _lock_record(data: bytes) -> tuple[int | None, str | None]:
-    """The holder's pid (line 1) and ``info`` (line 2) in a lock file's content; ``None``
-    for what is not there (an empty file, a file with only the pid) or unreadable."""
-    lines = data.decode("utf-8", "replace").split("\n")
-    first = lines[0].strip()
-    pid = int(first) if first.isascii() and first.isdigit() else None
-    info = lines[1].rstrip("\r") if len(lines) > 1 and lines[1].rstrip("\r") else None
-    return pid, info
 
 
 def _sddl_part(sddl: str, key: str) -> str | None:
@@ -379,10 +364,6 @@ def _wine_version() -> str | None:
     get.restype = ctypes.c_char_p
     version: bytes | None = get()
     return (version or b"").decode("ascii", "replace")
-
-
-def _closed_error() -> DockpointClosedError:
-    return DockpointClosedError(errno.EBADF, "DockpointConnection is closed")
 
 
 # --------------------------------------------------------------------------- Win32
@@ -798,7 +779,7 @@ if sys.platform == "win32":
         data = _read_lock(path)
         if data is None:
             return False, None, None, None
-        pid, info = _lock_record(data)
+        pid, info = lock_record(data)
         held, guard = _alive_test(stem)
         return held, pid, info, guard
 
@@ -977,7 +958,7 @@ if sys.platform == "win32":
         def _enter(self) -> _Op:
             with self._mutex:
                 if self._closed:
-                    raise _closed_error()
+                    raise closed_error("DockpointConnection")
                 self._busy += 1
                 op = self._ops.pop() if self._ops else None
             if op is None:
@@ -1027,7 +1008,7 @@ if sys.platform == "win32":
                         return b""
                     if code == ERROR_OPERATION_ABORTED:
                         if self._closed:
-                            raise _closed_error()
+                            raise closed_error("DockpointConnection")
                         raise TimeoutError(f"nothing to read within {timeout} s")
                     raise _error(code)
             finally:
@@ -1072,7 +1053,7 @@ if sys.platform == "win32":
                 elif code in _END_OF_STREAM:
                     raise BrokenPipeError(errno.EPIPE, "the peer closed the connection")
                 elif code == ERROR_OPERATION_ABORTED and self._closed:
-                    raise _closed_error()
+                    raise closed_error("DockpointConnection")
                 else:
                     raise _error(code)
 
@@ -1092,7 +1073,7 @@ if sys.platform == "win32":
             """Hand the pipe handle over (to an event loop's transport), closing the rest."""
             with self._mutex:
                 if self._closed or self._busy:
-                    raise _closed_error()
+                    raise closed_error("DockpointConnection")
                 self._closed = True
             for op in self._ops:
                 op.close()
@@ -1218,11 +1199,7 @@ if sys.platform == "win32":
 
         def close(self) -> None:
             # Only called once no thread is in accept() (the shared Dockpoint ensures it).
-            pipe, self._free = self._free, None
-            if pipe is not None:
-                CloseHandle(pipe)
-            CloseHandle(self._wake)
-            LocalFree(self._descriptor)
+            self.forget()
             self.let_go()  # the pipe is gone first: then the claim (no pid: "absent")
 
         def forget(self) -> None:
@@ -1352,7 +1329,7 @@ if sys.platform == "win32":
             claimed = True
             _lock_alive(lock, path)
             _unlock(lock, _HANDOVER_RANGE)
-            _write_lock(lock, _lock_text(os.getpid(), info), path)
+            _write_lock(lock, lock_text(os.getpid(), info), path)
             attributes, descriptor = _security(user)
             os.set_handle_inheritable(pipe, False)  # our own children inherit nothing
             os.set_handle_inheritable(lock, False)
@@ -1419,7 +1396,7 @@ if sys.platform == "win32":
         def listen(stem: str, info: str | None = None) -> tuple[_Listener, str] | None:
             user = _user_sid()
             name = _pipe_path(user, stem)
-            text = _lock_text(os.getpid(), info)
+            text = lock_text(os.getpid(), info)
             directory, path = _lock_path(os.environ.get("LOCALAPPDATA"), stem)
             _lock_directory(user, directory)
             lock = first = descriptor = None

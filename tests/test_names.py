@@ -14,6 +14,8 @@ from dockpoint._names import (
     MAX_NAME_LENGTH,
     NAME_CHARACTERS,
     endpoint_stem,
+    lock_record,
+    lock_text,
     pipe_name,
     posix_directory,
     socket_filename,
@@ -157,3 +159,18 @@ def test_pipe_name() -> None:
     name = pipe_name(sid, "app@default")
     assert name == r"\\.\pipe\dockpoint-" + sid + "-app@default"
     assert len(pipe_name(sid, "a" * 64 + "@" + "b" * 64)) < 256  # the OS's limit
+
+
+def test_lock_text_is_the_pid_then_the_optional_info_line() -> None:
+    assert lock_text(1234, None) == b"1234\n"
+    assert lock_text(1234, "v2 on :8080 \u00e9") == "1234\nv2 on :8080 \u00e9\n".encode()
+
+
+def test_lock_record_reads_pid_and_info() -> None:
+    assert lock_record(b"") == (None, None)  # emptied by a clean release
+    assert lock_record(b"123\n") == (123, None)  # only the pid
+    assert lock_record("123\nversion 1.2 \u00fc\n".encode()) == (123, "version 1.2 \u00fc")
+    assert lock_record(b"123\r\nv2\r\n") == (123, "v2")
+    assert lock_record(b"junk\nv2\n") == (None, "v2")
+    assert lock_record(b"0\n") == (None, None)  # not a pid
+    assert lock_record(lock_text(99, "x y")) == (99, "x y")

@@ -7,13 +7,11 @@ decided by the small functions tested here; ``test_windows.py`` runs the rest fo
 from __future__ import annotations
 
 import ast
-import errno
 import sys
 from pathlib import Path
 
 import pytest
 
-from dockpoint import DockpointClosedError
 from dockpoint import _win32 as k
 from dockpoint import _windows as w
 from dockpoint._names import endpoint_stem, pipe_name
@@ -161,12 +159,6 @@ def test_end_of_stream_and_claimed_codes() -> None:
     assert not w._END_OF_STREAM & {w.ERROR_OPERATION_ABORTED, w.ERROR_IO_PENDING}
 
 
-def test_closed_error_is_the_shared_kind() -> None:
-    err = w._closed_error()
-    assert isinstance(err, DockpointClosedError)
-    assert err.errno == errno.EBADF
-
-
 # --------------------------------------------------------------------------- waits
 
 
@@ -281,14 +273,6 @@ def test_lock_file_needs_an_absolute_localappdata(bad: str | None) -> None:
         w._lock_path(bad, "a@b")
 
 
-def test_lock_text_is_the_pid_then_the_optional_info_line() -> None:
-    assert w._lock_text(1234, None) == b"1234\n"
-    assert w._lock_text(1234, "v2 on :8080 \u00e9") == "1234\nv2 on :8080 \u00e9\n".encode()
-    for bad in ("two\nlines", "cr\r"):
-        with pytest.raises(ValueError, match="single line"):
-            w._lock_text(1, bad)
-
-
 def test_lock_ranges_are_distinct_single_bytes_beyond_any_text() -> None:
     # Clients test the alive range; only claimers race for the claim range.
     assert w._CLAIM_RANGE != w._ALIVE_RANGE
@@ -359,11 +343,3 @@ def test_sddl_parts_ignore_colons_inside_entries() -> None:
     assert w._sddl_part(sddl, "D") == f'P(A;;FA;;;{SID})(XA;;FA;;;WD;(@User.x == "D:S:"))'
     assert w._sddl_part(sddl, "S") == "(ML;;NW;;;LW)"
     assert w._sddl_part(f"D:P(A;;FA;;;{SID})", "O") is None
-
-
-def test_lock_record_reads_pid_and_info() -> None:
-    assert w._lock_record(b"") == (None, None)  # emptied by a clean release
-    assert w._lock_record(b"123\n") == (123, None)  # an older file: only the pid
-    assert w._lock_record("123\nversion 1.2 ü\n".encode()) == (123, "version 1.2 ü")
-    assert w._lock_record(b"123\r\nv2\r\n") == (123, "v2")
-    assert w._lock_record(b"junk\nv2\n") == (None, "v2")
