@@ -710,37 +710,38 @@ if sys.platform == "win32":
         _unlock(handle, _CLAIM_RANGE)
         CloseHandle(handle)
 
-    def _alive_test(stem: str) -> tuple[bool | None, int | None]:
-        """Whether a holder is alive for ``stem`` (its lock's alive or hand-over range is
-        taken; ``None`` if that cannot be told) and, when none is, the lock file's handle
-        still holding a shared lock on the alive range: until :func:`_resume_claims`, a
-        claimer waits in :func:`_lock_alive`, so no daemon starts serving meanwhile."""
-        try:
-            _, path = _lock_path(os.environ.get("LOCALAPPDATA"), stem)
-        except OSError:
-            return None, None
+    def _open_lock_file(path: str) -> int:
+        """A read-only handle of the lock file (any sharing, no reparse point followed),
+        0 if there is none.
+
+        :raises OSError: it cannot be opened.
+        """
         handle = CreateFileW(
             path, GENERIC_READ, _SHARE_ALL, None, OPEN_EXISTING, FILE_FLAG_OPEN_REPARSE_POINT,
             None,
         )  # fmt: skip
-        if handle == INVALID_HANDLE_VALUE or not handle:
-            code = ctypes.get_last_error()
-            return (False if code in (ERROR_FILE_NOT_FOUND, ERROR_PATH_NOT_FOUND) else None), None
-        try:
-            # Shared tests: claimers never race for these ranges. The hand-over range
-            # covers the moment a spawned daemon takes the claim over from its frontend.
-            code = _try_lock(handle, _ALIVE_RANGE, 0)
+        if handle != INVALID_HANDLE_VALUE and handle:
+            return handle
+        code = ctypes.get_last_error()
+        if code in (ERROR_FILE_NOT_FOUND, ERROR_PATH_NOT_FOUND):
+            return 0
+        raise _error(code, path)
+
+    def _alive_test(handle: int) -> bool | None:
+        """Whether a holder is alive (the lock's alive or hand-over range is taken;
+        ``None`` if that cannot be told). When none is, ``handle`` keeps a shared lock on
+        the alive range until :func:`_resume_claims`: a claimer waits for it in
+        :func:`_lock_alive`, so no daemon starts serving meanwhile."""
+        # Shared tests: claimers never race for these ranges. The hand-over range
+        # covers the moment a spawned daemon takes the claim over from its frontend.
+        code = _try_lock(handle, _ALIVE_RANGE, 0)
+        if not code:
+            code = _try_lock(handle, _HANDOVER_RANGE, 0)
             if not code:
-                code = _try_lock(handle, _HANDOVER_RANGE, 0)
-                if not code:
-                    _unlock(handle, _HANDOVER_RANGE)
-                    return False, handle
-                _unlock(handle, _ALIVE_RANGE)
-            CloseHandle(handle)
-            return (True if code == ERROR_LOCK_VIOLATION else None), None
-        except BaseException:
-            CloseHandle(handle)
-            raise
+                _unlock(handle, _HANDOVER_RANGE)
+                return False
+            _unlock(handle, _ALIVE_RANGE)
+        return True if code == ERROR_LOCK_VIOLATION else None
 
     def _resume_claims(handle: int | None) -> None:
         if handle is not None:
@@ -749,39 +750,42 @@ if sys.platform == "win32":
 
     def _held(stem: str) -> bool | None:
         """Whether a holder is alive for ``stem``; ``None`` if that cannot be told."""
-        held, handle = _alive_test(stem)
-        _resume_claims(handle)
-        return held
-
-    def _read_lock(path: str) -> bytes | None:
-        """The lock file's text (its first 4 KiB), or ``None`` if there is no lock file."""
-        handle = CreateFileW(
-            path, GENERIC_READ, _SHARE_ALL, None, OPEN_EXISTING, FILE_FLAG_OPEN_REPARSE_POINT,
-            None,
-        )  # fmt: skip
-        if handle == INVALID_HANDLE_VALUE or not handle:
-            code = ctypes.get_last_error()
-            if code in (ERROR_FILE_NOT_FOUND, ERROR_PATH_NOT_FOUND):
-                return None
-            raise _error(code, path)
         try:
-            buffer = ctypes.create_string_buffer(4096)
-            count = DWORD()
-            _check(ReadFile(handle, buffer, len(buffer), byref(count), None), path)
-            return buffer.raw[: count.value]
+            _, path = _lock_path(os.environ.get("LOCALAPPDATA"), stem)
+            handle = _open_lock_file(path)
+        except OSError:
+            return None
+        if not handle:
+            return False
+        try:
+            held = _alive_test(handle)
+            if held is False:
+                _unlock(handle, _ALIVE_RANGE)
+            return held
         finally:
             CloseHandle(handle)
 
     def _holder(stem: str) -> tuple[bool | None, int | None, str | None, int | None]:
-        """Whether a holder is alive for ``stem``, the pid and info its lock file records,
-        and the guard of :func:`_alive_test` (to pass to :func:`_resume_claims`)."""
+        """Whether a holder is alive for ``stem``, the pid and info its lock file records
+        (its first 4 KiB), and, when no holder is alive, the handle of
+        :func:`_alive_test` to pass to :func:`_resume_claims`."""
         _, path = _lock_path(os.environ.get("LOCALAPPDATA"), stem)
-        data = _read_lock(path)
-        if data is None:
+        handle = _open_lock_file(path)
+        if not handle:
             return False, None, None, None
-        pid, info = lock_record(data)
-        held, guard = _alive_test(stem)
-        return held, pid, info, guard
+        try:
+            buffer = ctypes.create_string_buffer(4096)
+            count = DWORD()
+            _check(ReadFile(handle, buffer, len(buffer), byref(count), None), path)
+            pid, info = lock_record(buffer.raw[: count.value])
+            held = _alive_test(handle)
+        except BaseException:
+            CloseHandle(handle)
+            raise
+        if held is not False:
+            CloseHandle(handle)
+            return held, pid, info, None
+        return held, pid, info, handle
 
     def _free_instance(name: str, timeout: float | None) -> int:
         """Wait up to ``timeout`` for a free instance of the pipe ``name`` without opening
