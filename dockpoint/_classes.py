@@ -25,12 +25,23 @@ if TYPE_CHECKING:  # pragma: no cover - names for type hints only, never importe
     from typing_extensions import Self
 
     class Channel(Protocol):
-        """A backend's connected byte stream."""
+        """A backend's connected byte stream. :class:`DockpointConnection` makes it safe
+        to close from another thread: it calls :meth:`wake` while a call is in flight and
+        :meth:`close` once, when none is."""
 
         peer_pid: int | None
 
-        def recv(self, max_bytes: int, timeout: float | None) -> bytes: ...
+        def recv(self, max_bytes: int) -> bytes:
+            """Wait for 1 to ``max_bytes`` bytes, ``b""`` at end of stream (a reset peer
+            may raise ``ConnectionResetError`` instead); may be the OS object's own."""
+
+        def recv_within(self, max_bytes: int, timeout: float) -> bytes:
+            """``recv`` within ``timeout`` seconds, else ``TimeoutError``."""
+
         def send(self, data: bytes | memoryview) -> None: ...
+        def wake(self) -> None:
+            """End the calls in flight soon; the stream is being closed."""
+
         def fileno(self) -> int: ...  # io.UnsupportedOperation where the OS has none
         def close(self) -> None: ...
 
@@ -193,27 +204,6 @@ class _Closable:
         self.close()
 
 
-class _ClosedChannel:
-    """What a closed :class:`DockpointConnection` holds: every use raises."""
-
-    peer_pid: int | None = None
-
-    def recv(self, max_bytes: int, timeout: float | None) -> bytes:
-        raise closed_error("DockpointConnection")
-
-    def send(self, data: bytes | memoryview) -> None:
-        raise closed_error("DockpointConnection")
-
-    def fileno(self) -> int:
-        raise closed_error("DockpointConnection")
-
-    def close(self) -> None:
-        pass
-
-
-_CLOSED: Channel = _ClosedChannel()
-
-
 def _read_args(max_bytes: object, timeout: object) -> tuple[int, float | None]:
     """``read``'s arguments checked, ``max_bytes`` capped at :data:`READ_CHUNK_LIMIT`."""
     if isinstance(max_bytes, bool) or not isinstance(max_bytes, int):
@@ -223,6 +213,34 @@ def _read_args(max_bytes: object, timeout: object) -> tuple[int, float | None]:
     return min(int(max_bytes), READ_CHUNK_LIMIT), check_timeout(timeout)
 
 
+def _closed_meanwhile() -> DockpointClosedError:
+    return DockpointClosedError(errno.EBADF, "DockpointConnection was closed while in use")
+
+
+def _bytes_view(data: object) -> memoryview:
+    """``write``'s argument as a flat (1-D, byte-sized items) view; ``TypeError`` if it is
+    not bytes-like."""
+    if isinstance(data, str):
+        raise TypeError("write() takes a bytes-like object, not str; encode it first")
+    try:
+        view = memoryview(data)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(f"write() takes a bytes-like object, not {type(data).__name__}") from None
+    if not view.c_contiguous:
+        view = memoryview(view.tobytes())
+    if view.ndim != 1 or view.format not in ("B", "b", "c"):
+        view = view.cast("B")
+    return view
+
+
+#: Counts forks; a connection made before the last fork holds the parent's bookkeeping.
+_FORKS = [0]
+
+
+def _forked() -> None:
+    _FORKS[0] += 1
+
+
 class DockpointConnection(_Closable):
     """A connected byte stream between a daemon and one client.
 
@@ -230,10 +248,23 @@ class DockpointConnection(_Closable):
     (client side); not created directly. A context manager: leaving the block closes it.
     """
 
-    __slots__ = ("__weakref__", "_ch", "peer_pid")
+    # close() from another thread must end a read/write in flight and must not free the
+    # channel under it (a reused descriptor number would be read by the old call). So each
+    # call registers in _busy (list appends are atomic) and then checks _shut; close() sets
+    # _shut, wakes the channel if a call is in flight, and the last call to leave closes
+    # it: _owner holds the channel until one thread takes it (list pops are atomic too).
+    __slots__ = (
+        "__weakref__", "_busy", "_ch", "_gen", "_owner", "_recv", "_send", "_shut", "peer_pid",
+    )  # fmt: skip
 
     def __init__(self, channel: Channel) -> None:
-        self._ch: Channel = channel
+        self._ch = channel
+        self._recv = channel.recv
+        self._send = channel.send
+        self._busy: list[None] = []
+        self._shut = False
+        self._owner = [channel]
+        self._gen = _FORKS[0]
         #: Process id of the other end where the OS reports it, else ``None``.
         self.peer_pid: int | None = channel.peer_pid
 
@@ -249,14 +280,35 @@ class DockpointConnection(_Closable):
         :raises TimeoutError: nothing arrived within ``timeout``.
         :raises DockpointClosedError: the connection is closed.
         """
-        # One test and one call on the hot path; the checks only for unusual arguments.
+        # One test on the hot path; the checks only for unusual arguments.
         if (
             timeout is not None
             or max_bytes.__class__ is not int
             or not 0 < max_bytes <= READ_CHUNK_LIMIT
         ):
             max_bytes, timeout = _read_args(max_bytes, timeout)
-        return self._ch.recv(max_bytes, timeout)
+        busy = self._busy
+        busy.append(None)
+        try:
+            if self._shut:
+                raise closed_error("DockpointConnection")
+            if timeout is None:
+                data = self._recv(max_bytes)
+            else:
+                data = self._ch.recv_within(max_bytes, timeout)
+        except ConnectionResetError:  # the peer closed with our data unread: end of stream
+            data = b""
+        except OSError:
+            if self._shut:
+                raise _closed_meanwhile() from None
+            raise
+        finally:
+            busy.pop()
+            if self._shut:
+                self._let_go()
+        if self._shut:
+            raise _closed_meanwhile()
+        return data
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         """Write all of ``data``.
@@ -267,23 +319,23 @@ class DockpointConnection(_Closable):
         :raises BrokenPipeError: the peer has closed the stream.
         :raises DockpointClosedError: the connection is closed.
         """
-        if data.__class__ is bytes:
-            self._ch.send(data)
-            return len(data)
-        if isinstance(data, str):
-            raise TypeError("write() takes a bytes-like object, not str; encode it first")
+        if data.__class__ is not bytes:
+            data = _bytes_view(data)
+        busy = self._busy
+        busy.append(None)
         try:
-            view = memoryview(data)
-        except TypeError:
-            raise TypeError(
-                f"write() takes a bytes-like object, not {type(data).__name__}"
-            ) from None
-        if not view.c_contiguous:
-            view = memoryview(view.tobytes())
-        if view.ndim != 1 or view.format not in ("B", "b", "c"):
-            view = view.cast("B")
-        self._ch.send(view)
-        return view.nbytes
+            if self._shut:
+                raise closed_error("DockpointConnection")
+            self._send(data)
+        except OSError:
+            if self._shut:
+                raise _closed_meanwhile() from None
+            raise
+        finally:
+            busy.pop()
+            if self._shut:
+                self._let_go()
+        return len(data)  # a flat view of bytes: its length is its size in bytes
 
     def fileno(self) -> int:
         """The OS descriptor of the connection, for ``selectors``, ``select`` and event
@@ -296,24 +348,43 @@ class DockpointConnection(_Closable):
             (Windows, where a named pipe cannot be selected).
         :raises DockpointClosedError: the connection is closed.
         """
+        if self._shut:
+            raise closed_error("DockpointConnection")
         return self._ch.fileno()
 
     def close(self) -> None:
-        """Close the connection. Closing again does nothing."""
-        ch, self._ch = self._ch, _CLOSED
-        ch.close()
+        """Close the connection; a :meth:`read` or :meth:`write` in flight in another
+        thread raises :class:`DockpointClosedError`. Closing again does nothing."""
+        if self._gen != _FORKS[0]:  # a forked copy: the parent's calls are not ours
+            self._busy.clear()
+        self._shut = True
+        if self._busy:
+            self._ch.wake()
+        self._let_go()
+
+    def _let_go(self) -> None:
+        """Close the channel if no call is in flight and nobody has closed it yet."""
+        if not self._busy:
+            try:
+                channel = self._owner.pop()
+            except IndexError:
+                return
+            channel.close()
 
     def _take_channel(self) -> Channel:
         """Take the backend's channel out, leaving the connection closed (dockpoint.aio)."""
-        ch, self._ch = self._ch, _CLOSED
-        if ch is _CLOSED:
+        if self._shut or self._busy:
             raise closed_error("DockpointConnection")
-        return ch
+        self._shut = True
+        try:
+            return self._owner.pop()
+        except IndexError:
+            raise closed_error("DockpointConnection") from None
 
     @property
     def closed(self) -> bool:
         """``True`` once :meth:`close` has been called."""
-        return self._ch is _CLOSED
+        return self._shut
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"peer_pid={self.peer_pid}"
@@ -337,6 +408,7 @@ def _after_fork_in_child() -> None:
 
 
 if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_forked)
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 

@@ -1,8 +1,8 @@
 """POSIX: connecting to an endpoint, and the connected stream on both sides.
 
 A connect checks the endpoint directory (one ``lstat``) and the peer's credentials: the
-daemon must be this user's. The stream's ``close()`` from another thread wakes a ``recv``
-or ``send`` blocked in the kernel.
+daemon must be this user's. The stream's ``wake()`` (a ``close()`` from another thread)
+ends a ``recv`` or ``send`` blocked in the kernel.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from time import monotonic
 assert sys.platform != "win32"  # tells type checkers this module is POSIX-only
 
 from . import _posix_dir as _dir  # noqa: E402
-from ._classes import DockpointClosedError  # noqa: E402
 from ._names import posix_directory  # noqa: E402
 from ._posix_dir import (  # noqa: E402
     _KIND_AND_OPEN,
@@ -46,17 +45,6 @@ _NOBODY = (FileNotFoundError, BlockingIOError, socket.timeout)
 _DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
 #: The longest single wait (poll, connect): longer timeouts are made of such slices.
 SLICE = 3600.0
-#: Counts forks; a channel made before the last fork holds the parent's bookkeeping.
-_FORKS = [0]
-
-
-def _forked() -> None:
-    _FORKS[0] += 1
-
-
-os.register_at_fork(after_in_child=_forked)
-
-
 # --------------------------------------------------------------------------- identity
 
 
@@ -115,50 +103,18 @@ else:
 # --------------------------------------------------------------------------- streams
 
 
-def _closed_meanwhile() -> DockpointClosedError:
-    return DockpointClosedError(errno.EBADF, "DockpointConnection was closed while in use")
-
-
 class _Channel:
-    # close() from another thread must end a recv/send blocked in the kernel, and must
-    # not free the descriptor under it (a reused number would be read by the old call).
-    # So each call registers in _busy (list appends are atomic); close() marks the
-    # channel shut, shuts the socket down if a call is in flight (that wakes it, and the
-    # peer sees end of stream) and the last call to leave closes the descriptor.
-    __slots__ = ("_busy", "_gen", "_shut", "_sock", "peer_pid")
+    # DockpointConnection guards the calls against a close() from another thread: wake()
+    # shuts the socket down, which ends a recv/send blocked in the kernel (and the peer
+    # sees end of stream); close() comes once no call is in flight.
+    __slots__ = ("_sock", "peer_pid", "recv")
 
     def __init__(self, sock: socket.socket, peer_pid: int | None) -> None:
         self._sock = sock
         self.peer_pid = peer_pid
-        self._busy: list[None] = []
-        self._shut = False
-        self._gen = _FORKS[0]
+        self.recv = sock.recv  # the socket's own: no Python frame on the hot path
 
-    def recv(self, max_bytes: int, timeout: float | None) -> bytes:
-        busy = self._busy
-        busy.append(None)
-        try:
-            if self._shut:
-                raise _closed_meanwhile()
-            if timeout is None:
-                data = self._sock.recv(max_bytes)
-            else:
-                data = self._timed_recv(max_bytes, timeout)
-        except ConnectionResetError:  # the peer closed with our data unread: end of stream
-            data = b""
-        except OSError:
-            if self._shut:
-                raise _closed_meanwhile() from None
-            raise
-        finally:
-            busy.pop()
-            if self._shut:
-                self._finish()
-        if self._shut:
-            raise _closed_meanwhile()
-        return data
-
-    def _timed_recv(self, max_bytes: int, timeout: float) -> bytes:
+    def recv_within(self, max_bytes: int, timeout: float) -> bytes:
         sock = self._sock
         deadline = monotonic() + timeout
         import select  # here: a client that never waits with a timeout does not load it
@@ -175,38 +131,19 @@ class _Channel:
                 raise TimeoutError(f"nothing to read within {timeout} s")
 
     def send(self, data: bytes | memoryview) -> None:
-        busy = self._busy
-        busy.append(None)
+        self._sock.sendall(data, _NOSIGNAL)  # a gone peer: BrokenPipeError, not SIGPIPE
+
+    def wake(self) -> None:
         try:
-            if self._shut:
-                raise _closed_meanwhile()
-            self._sock.sendall(data, _NOSIGNAL)  # a gone peer: BrokenPipeError, not SIGPIPE
+            self._sock.shutdown(socket.SHUT_RDWR)
         except OSError:
-            if self._shut:
-                raise _closed_meanwhile() from None
-            raise
-        finally:
-            busy.pop()
-            if self._shut:
-                self._finish()
+            pass
 
     def fileno(self) -> int:
         return self._sock.fileno()
 
     def close(self) -> None:
-        if self._gen != _FORKS[0]:  # a forked copy: the parent's calls are not ours
-            self._busy.clear()
-        self._shut = True
-        if self._busy:
-            try:
-                self._sock.shutdown(socket.SHUT_RDWR)  # wakes the calls in flight
-            except OSError:
-                pass
-        self._finish()
-
-    def _finish(self) -> None:
-        if not self._busy:
-            self._sock.close()  # idempotent: the socket object forgets its descriptor
+        self._sock.close()
 
 
 def _ms(seconds: float) -> int:

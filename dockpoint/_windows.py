@@ -944,60 +944,43 @@ if sys.platform == "win32":
     # ----------------------------------------------------------------------- streams
 
     class _Channel:
-        """One connected pipe end. The handle and events are freed by whoever leaves last:
-        ``close()`` from another thread only signals ``_wake``, so a blocked read or write
-        ends and no thread ever uses a closed (maybe reused) handle value."""
+        """One connected pipe end. DockpointConnection guards the calls against a
+        ``close()`` from another thread: :meth:`wake` signals ``_wake``, which ends a
+        blocked read or write, and :meth:`close` comes once no call is in flight."""
 
-        __slots__ = ("_busy", "_closed", "_mutex", "_ops", "_pipe", "_wake", "peer_pid")
+        __slots__ = ("_ops", "_pipe", "_wake", "_woken", "peer_pid")
 
         def __init__(self, pipe: int, peer_pid: int | None) -> None:
             self._pipe = pipe
             self._wake = _event()
             self.peer_pid = peer_pid
-            self._mutex = allocate_lock()
-            self._ops: list[_Op] = []
-            self._busy = 0
-            self._closed = False
+            self._ops: list[_Op] = []  # idle operations, for the next calls
+            self._woken = False
 
-        def _enter(self) -> _Op:
-            with self._mutex:
-                if self._closed:
-                    raise closed_error("DockpointConnection")
-                self._busy += 1
-                op = self._ops.pop() if self._ops else None
-            if op is None:
-                try:
-                    op = _Op()
-                except BaseException:
-                    self._leave(None)
-                    raise
-            return op
+        def _op(self) -> _Op:
+            try:
+                return self._ops.pop()
+            except IndexError:
+                return _Op()
 
-        def _leave(self, op: _Op | None) -> None:
-            with self._mutex:
-                self._busy -= 1
-                if op is not None and op not in _LIMBO:
-                    op.keep = None
-                    self._ops.append(op)
-                if not self._closed or self._busy:
-                    return
-            self._release()
+        def _done(self, op: _Op) -> None:
+            if op not in _LIMBO:
+                op.keep = None
+                self._ops.append(op)
 
         def __del__(self) -> None:
             # A dropped server end would keep the pipe name alive after the Dockpoint closes.
-            if not getattr(self, "_closed", True):  # __init__ may have failed early
+            if getattr(self, "_pipe", 0):  # __init__ may have failed early
                 self.close()
 
-        def _release(self) -> None:
-            for op in self._ops:
-                op.close()
-            self._ops.clear()
-            CloseHandle(self._wake)
-            CloseHandle(self._pipe)
+        def recv(self, max_bytes: int) -> bytes:
+            return self._read(max_bytes, None, None)
 
-        def recv(self, max_bytes: int, timeout: float | None) -> bytes:
-            deadline = None if timeout is None else monotonic() + timeout
-            op = self._enter()
+        def recv_within(self, max_bytes: int, timeout: float) -> bytes:
+            return self._read(max_bytes, monotonic() + timeout, timeout)
+
+        def _read(self, max_bytes: int, deadline: float | None, timeout: float | None) -> bytes:
+            op = self._op()
             try:
                 op.keep = buffer = ctypes.create_string_buffer(max_bytes)
                 while True:
@@ -1011,22 +994,22 @@ if sys.platform == "win32":
                     if code in _END_OF_STREAM:
                         return b""
                     if code == ERROR_OPERATION_ABORTED:
-                        if self._closed:
+                        if self._woken:
                             raise closed_error("DockpointConnection")
                         raise TimeoutError(f"nothing to read within {timeout} s")
                     raise _error(code)
             finally:
-                self._leave(op)
+                self._done(op)
 
         def send(self, data: bytes | memoryview) -> None:
             size = data.nbytes if isinstance(data, memoryview) else len(data)
             if not size:
                 return
-            op = self._enter()
+            op = self._op()
             try:
                 self._send(op, data, size)
             finally:
-                self._leave(op)
+                self._done(op)
 
         def _send(self, op: _Op, data: bytes | memoryview, size: int) -> None:
             # The kernel reads straight from ``data`` where ctypes can point at it: bytes
@@ -1056,34 +1039,28 @@ if sys.platform == "win32":
                     offset += count
                 elif code in _END_OF_STREAM:
                     raise BrokenPipeError(errno.EPIPE, "the peer closed the connection")
-                elif code == ERROR_OPERATION_ABORTED and self._closed:
+                elif code == ERROR_OPERATION_ABORTED and self._woken:
                     raise closed_error("DockpointConnection")
                 else:
                     raise _error(code)
 
+        def wake(self) -> None:
+            self._woken = True
+            SetEvent(self._wake)
+
         def close(self) -> None:
-            with self._mutex:
-                if self._closed:
-                    return
-                self._closed = True
-                if self._busy:  # the last thread out releases; under the mutex: it may not yet
-                    SetEvent(self._wake)
-                    return
-            self._release()
+            CloseHandle(self.detach())
 
         fileno = no_fileno  # a named pipe cannot be selected
 
         def detach(self) -> int:
             """Hand the pipe handle over (to an event loop's transport), closing the rest."""
-            with self._mutex:
-                if self._closed or self._busy:
-                    raise closed_error("DockpointConnection")
-                self._closed = True
+            pipe, self._pipe = self._pipe, 0
             for op in self._ops:
                 op.close()
             self._ops.clear()
             CloseHandle(self._wake)
-            return self._pipe
+            return pipe
 
     class _Listener:
         """The claimed pipe and its lock file.
