@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # pragma: no cover - names for type hints only, never importe
     class Channel(Protocol):
         """A backend's connected byte stream. :class:`DockpointConnection` makes it safe
         to close from another thread: it calls :meth:`wake` while a call is in flight and
-        :meth:`close` once, when none is."""
+        :meth:`close` when none is."""
 
         peer_pid: int | None
 
@@ -43,7 +43,8 @@ if TYPE_CHECKING:  # pragma: no cover - names for type hints only, never importe
             """End the calls in flight soon; the stream is being closed."""
 
         def fileno(self) -> int: ...  # io.UnsupportedOperation where the OS has none
-        def close(self) -> None: ...
+        def close(self) -> None:
+            """Free the stream; again, also from two threads at once, does nothing."""
 
     class Listener(Protocol):
         """A backend's claimed endpoint."""
@@ -251,19 +252,14 @@ class DockpointConnection(_Closable):
     # close() from another thread must end a read/write in flight and must not free the
     # channel under it (a reused descriptor number would be read by the old call). So each
     # call registers in _busy (list appends are atomic) and then checks _shut; close() sets
-    # _shut, wakes the channel if a call is in flight, and the last call to leave closes
-    # it: _owner holds the channel until one thread takes it (list pops are atomic too).
-    __slots__ = (
-        "__weakref__", "_busy", "_ch", "_gen", "_owner", "_recv", "_send", "_shut", "peer_pid",
-    )  # fmt: skip
+    # _shut, wakes the channel if a call is in flight, and the last call to leave closes it.
+    __slots__ = ("__weakref__", "_busy", "_ch", "_gen", "_recv", "_shut", "peer_pid")
 
     def __init__(self, channel: Channel) -> None:
         self._ch = channel
         self._recv = channel.recv
-        self._send = channel.send
         self._busy: list[None] = []
         self._shut = False
-        self._owner = [channel]
         self._gen = _FORKS[0]
         #: Process id of the other end where the OS reports it, else ``None``.
         self.peer_pid: int | None = channel.peer_pid
@@ -326,7 +322,7 @@ class DockpointConnection(_Closable):
         try:
             if self._shut:
                 raise closed_error("DockpointConnection")
-            self._send(data)
+            self._ch.send(data)
         except OSError:
             if self._shut:
                 raise _closed_meanwhile() from None
@@ -363,23 +359,16 @@ class DockpointConnection(_Closable):
         self._let_go()
 
     def _let_go(self) -> None:
-        """Close the channel if no call is in flight and nobody has closed it yet."""
+        """Close the channel if no call is in flight (again: it may already be closed)."""
         if not self._busy:
-            try:
-                channel = self._owner.pop()
-            except IndexError:
-                return
-            channel.close()
+            self._ch.close()
 
     def _take_channel(self) -> Channel:
         """Take the backend's channel out, leaving the connection closed (dockpoint.aio)."""
         if self._shut or self._busy:
             raise closed_error("DockpointConnection")
         self._shut = True
-        try:
-            return self._owner.pop()
-        except IndexError:
-            raise closed_error("DockpointConnection") from None
+        return self._ch
 
     @property
     def closed(self) -> bool:

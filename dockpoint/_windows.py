@@ -948,7 +948,7 @@ if sys.platform == "win32":
         ``close()`` from another thread: :meth:`wake` signals ``_wake``, which ends a
         blocked read or write, and :meth:`close` comes once no call is in flight."""
 
-        __slots__ = ("_ops", "_pipe", "_wake", "_woken", "peer_pid")
+        __slots__ = ("_open", "_ops", "_pipe", "_wake", "_woken", "peer_pid")
 
         def __init__(self, pipe: int, peer_pid: int | None) -> None:
             self._pipe = pipe
@@ -956,6 +956,7 @@ if sys.platform == "win32":
             self.peer_pid = peer_pid
             self._ops: list[_Op] = []  # idle operations, for the next calls
             self._woken = False
+            self._open = [True]  # popped by the one call that frees the handles
 
         def _op(self) -> _Op:
             try:
@@ -970,7 +971,7 @@ if sys.platform == "win32":
 
         def __del__(self) -> None:
             # A dropped server end would keep the pipe name alive after the Dockpoint closes.
-            if getattr(self, "_pipe", 0):  # __init__ may have failed early
+            if getattr(self, "_open", None):  # __init__ may have failed early
                 self.close()
 
         def recv(self, max_bytes: int) -> bytes:
@@ -1049,18 +1050,24 @@ if sys.platform == "win32":
             SetEvent(self._wake)
 
         def close(self) -> None:
-            CloseHandle(self.detach())
+            pipe = self.detach()
+            if pipe:
+                CloseHandle(pipe)
 
         fileno = no_fileno  # a named pipe cannot be selected
 
         def detach(self) -> int:
-            """Hand the pipe handle over (to an event loop's transport), closing the rest."""
-            pipe, self._pipe = self._pipe, 0
+            """Hand the pipe handle over (to an event loop's transport), freeing the rest;
+            0 if that was done already."""
+            try:
+                self._open.pop()  # atomic: of two threads closing at once, one frees
+            except IndexError:
+                return 0
             for op in self._ops:
                 op.close()
             self._ops.clear()
             CloseHandle(self._wake)
-            return pipe
+            return self._pipe
 
     class _Listener:
         """The claimed pipe and its lock file.
