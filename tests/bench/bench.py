@@ -39,8 +39,14 @@ keeps the issue's workload:
    and as many of that ``python -m`` module at once (information).
 13. cumulative ``import dockpoint`` (``-X importtime``) in the frontend interpreter.
 14. 1-byte round trip (issue 19): 10,000 x (1-byte write, 1-byte read) on one connection
-   per round, dockpoint vs a raw ``AF_UNIX`` socket only; median (min-max) of the
-   per-round ratios (information). Numbered last so that rows 1-13 keep their numbers.
+   per round, dockpoint vs a raw ``AF_UNIX`` socket; median (min-max) of the per-round
+   ratios (information); below it, a bare Python wrapper of the raw socket (``read`` and
+   ``write`` only forward, on both ends) vs raw: the floor of any Python API. Numbered
+   last so that rows 1-13 keep their numbers.
+
+In the ``same`` layout a process's random memory layout moves each side's round trip by
+up to a third from run to run; ``setarch -R python tests/bench/bench.py ...`` (no
+address-space randomisation) makes the ratios repeat.
 
 Rows 1-3 and 14 run in two CPU layouts (``--pin``): ``split``, client on one CPU and the echo
 servers on another (a frontend and a daemon on an idle machine: every wake-up crosses
@@ -318,6 +324,39 @@ def serve_raw(path: str, *, check: bool = False) -> None:
             conn.close()
 
 
+class Wrapped:
+    """A bare Python wrapper of a connected socket: ``read`` and ``write`` only forward to
+    ``recv`` and ``sendall``. Row 14's floor: what any Python method on the path costs."""
+
+    __slots__ = ("_sock",)
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+
+    def read(self, max_bytes: int = 65536) -> bytes:
+        return self._sock.recv(max_bytes)
+
+    def write(self, data: bytes) -> int:
+        self._sock.sendall(data)
+        return len(data)
+
+
+def serve_wrapped(path: str) -> None:
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(BACKLOG)
+    print("ready", flush=True)
+    while True:
+        conn, _ = listener.accept()
+        wrapped = Wrapped(conn)
+        try:
+            _serve_stream(wrapped.read, wrapped.write)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+
 def serve_mp(path: str) -> None:
     from multiprocessing.connection import Listener
 
@@ -384,6 +423,21 @@ def rt_raw(path: str, n: int) -> float:
         for _ in range(n):
             send(msg)
             recv(1)
+        return time.perf_counter() - start
+    finally:
+        sock.close()
+
+
+def rt_wrapped(path: str, n: int) -> float:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(path)
+        wrapped = Wrapped(sock)
+        write, read, msg = wrapped.write, wrapped.read, b"x"
+        start = time.perf_counter()
+        for _ in range(n):
+            write(msg)
+            read(1)
         return time.perf_counter() - start
     finally:
         sock.close()
@@ -506,6 +560,7 @@ def client_job(row: str, side: str, where: str, dockpoint: Any) -> Callable[[int
         ("cc", "dockpoint"): lambda n: cc_dockpoint(dockpoint, where, n),
         ("rt", "raw"): lambda n: rt_raw(where, n),
         ("rt", "mp"): lambda n: rt_mp(where, n),
+        ("rt", "wrapped"): lambda n: rt_wrapped(where, n),
         ("bulk", "raw"): lambda n: bulk_raw(where, n),
         ("cc", "raw"): lambda n: cc_raw(where, n),
         ("cc", "checks"): lambda n: cc_checks(where, n),
@@ -790,11 +845,13 @@ class Bench:
         raw_path = os.path.join(self.runtime, "raw.sock")
         mp_path = os.path.join(self.runtime, "mp.sock")
         checks_path = os.path.join(self.runtime, "checks.sock")
+        wrapped_path = os.path.join(self.runtime, "wrapped.sock")
         self.servers = {
             "dockpoint": (ECHO_APP, self.children.spawn("--serve", "dockpoint", ECHO_APP)),
             "raw": (raw_path, self.children.spawn("--serve", "raw", raw_path)),
             "mp": (mp_path, self.children.spawn("--serve", "mp", mp_path)),
             "checks": (checks_path, self.children.spawn("--serve", "checks", checks_path)),
+            "wrapped": (wrapped_path, self.children.spawn("--serve", "wrapped", wrapped_path)),
         }
         for _, server in self.servers.values():
             wait_ready(server)
@@ -840,15 +897,22 @@ class Bench:
 
     def rtt(self, ops: int = RTT_OPS) -> None:
         """Row 14 (issue 19): the 1-byte round trip on one connection, dockpoint vs a raw
-        ``AF_UNIX`` socket only, with the per-round ratios' median and range."""
-        got = self.compare("rt", ["dockpoint", "raw"], ops)
-        ratios = round_ratios(got["dockpoint"], got["raw"])
+        ``AF_UNIX`` socket, with the per-round ratios' median and range; below it, the
+        floor of any Python API: a bare wrapper whose ``read``/``write`` only forward to
+        ``recv``/``sendall``, on both ends, vs raw."""
+        got = self.compare("rt", ["dockpoint", "raw", "wrapped"], ops)
         row = self.row(14, f"1-byte round trip ({ops:,} x, one connection)")
         self.table.add(
             row,
             us(median(got["dockpoint"]) / ops) + "/op",
             "raw AF_UNIX " + us(median(got["raw"]) / ops),
-            ratio=spread(ratios),
+            ratio=spread(round_ratios(got["dockpoint"], got["raw"])),
+        )
+        self.table.add(
+            "",
+            "",
+            f"a bare Python wrapper {us(median(got['wrapped']) / ops)}, vs raw",
+            ratio=spread(round_ratios(got["wrapped"], got["raw"])),
         )
         _detail(row, got, scale=1e6 / ops, unit="us/op")
 
@@ -2127,6 +2191,7 @@ def main(argv: list[str] | None = None) -> int:
             "dockpoint": serve_dockpoint,
             "raw": serve_raw,
             "checks": partial(serve_raw, check=True),
+            "wrapped": serve_wrapped,
             "mp": serve_mp,
             "burst": serve_burst,
             "rawpipe": serve_raw_pipe,
