@@ -39,7 +39,8 @@ def validate_name(value: object, what: str) -> str:
 
 
 #: (app_name, instance) -> stem for names of type ``str`` that passed the rules (bounded):
-#: a client that connects again skips the checks.
+#: a client that connects again skips the checks (3.12: 0.48 -> 0.11 us a connect, whose
+#: connect+close costs about 6 us of CPU).
 _STEMS: dict[tuple[str, str], str] = {}
 _MAX_STEMS = 256
 

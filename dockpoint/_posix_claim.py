@@ -33,10 +33,6 @@ _BACKLOG = max(socket.SOMAXCONN, 4096)  # the kernel caps it at its own maximum
 _LOCK_FLAGS = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 #: How often a waiting accept() checks that its socket and lock files are still its own.
 CHECK_INTERVAL = 0.5
-#: A poll that returns sooner than this did not sleep: a client was queued already, so the
-#: next accept() tries accept4 before polling (an accept4 that finds nobody raises, which
-#: costs more than the poll it saves).
-_SLEPT = 0.00002
 
 
 class _Listener:
@@ -56,7 +52,6 @@ class _Listener:
         "_pollers",
         "_sock",
         "_uid",
-        "_waits",
         "_wake_r",
         "_wake_w",
         "_woken",
@@ -92,32 +87,23 @@ class _Listener:
         self._next_check = monotonic() + CHECK_INTERVAL
         # Poll objects made by earlier waits, free for reuse (one thread polls each one).
         self._pollers: list[Any] = []
-        # Whether the next accept() polls before trying accept4: set when accept4 found
-        # nobody (clients come one at a time), cleared when a poll found one queued.
-        self._waits = False
 
     def accept(self, timeout: float | None) -> _Channel | None:
         deadline = None if timeout is None else monotonic() + timeout
         poller = None
-        try_first = not self._waits  # a client is likely waiting already: take it at once
-        polled_first = not try_first
         try:
             while True:
                 conn = None
-                if try_first:
-                    try:
-                        fd, peer = self._sock._accept()  # type: ignore[attr-defined]  # accept4
-                    except BlockingIOError:  # none yet: clients come one at a time
-                        self._waits = True
-                    except ConnectionAbortedError:  # one came and went
-                        pass
-                    else:
-                        if peer and peer[-6:] in PROBE_ENDS:  # probe(): never handed out
-                            os.close(fd)
-                            continue
-                        # Family, type and protocol given: fewer questions to the kernel.
-                        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fd)
-                try_first = True
+                try:
+                    fd, peer = self._sock._accept()  # type: ignore[attr-defined]  # accept4
+                except (BlockingIOError, ConnectionAbortedError):  # none yet, or it left
+                    pass
+                else:
+                    if peer and peer[-6:] in PROBE_ENDS:  # probe(): never handed out
+                        os.close(fd)
+                        continue
+                    # Family, type and protocol given: fewer questions to the kernel.
+                    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fd)
                 if conn is None:
                     if poller is None:
                         poller = self._poller()
@@ -131,13 +117,9 @@ class _Listener:
                     if deadline is not None and deadline - now < left:
                         left = deadline - now
                     ready = poller.poll(_ms(left))
-                    if polled_first:  # a poll that did not sleep found a client queued
-                        polled_first = False
-                        self._waits = monotonic() - now > _SLEPT
                     if not ready:
                         if deadline is not None and monotonic() >= deadline:
                             raise TimeoutError(f"no client arrived within {timeout} s")
-                        try_first = False  # a check interval passed with nobody: poll on
                         continue
                     for fd, _ in ready:
                         if fd == self._wake_r:
