@@ -317,6 +317,7 @@ class DockpointConnection(_Closable):
         """
         if data.__class__ is not bytes:
             data = _bytes_view(data)
+        # read()'s guard, written out again: a shared helper would add a call to each write.
         busy = self._busy
         busy.append(None)
         try:
