@@ -350,22 +350,6 @@ def _slice_ms(deadline: float | None, now: float) -> int:
     return int(-(-left * 1000 // 1))
 
 
-def _wine_version() -> str | None:
-    """Wine's version when running under Wine (``ntdll.wine_get_version``), else ``None``."""
-    if sys.platform != "win32":
-        return None
-    import ctypes
-
-    try:
-        get = ctypes.WinDLL("ntdll").wine_get_version
-    except (OSError, AttributeError):
-        return None
-    get.argtypes = []
-    get.restype = ctypes.c_char_p
-    version: bytes | None = get()
-    return (version or b"").decode("ascii", "replace")
-
-
 # --------------------------------------------------------------------------- Win32
 
 if sys.platform == "win32":

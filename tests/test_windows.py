@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from conftest import Child, claimed
+from conftest import WINE, Child, claimed
 
 import dockpoint
 from dockpoint import Dockpoint, DockpointClosedError, DockpointConnection
@@ -22,7 +22,6 @@ from dockpoint import _windows as w
 if sys.platform != "win32":
     pytest.skip("Windows backend only", allow_module_level=True)
 
-WINE = w._wine_version()
 OTHER = "S-1-5-21-1004336348-1177238915-682003330-1002"
 ADMINISTRATORS = "S-1-5-32-544"
 
