@@ -294,8 +294,8 @@ class DockpointConnection(_Closable):
                 data = self._ch.recv_within(max_bytes, timeout)
         except ConnectionResetError:  # the peer closed with our data unread: end of stream
             data = b""
-        except OSError:
-            if self._shut:
+        except OSError as exc:
+            if self._shut and not isinstance(exc, DockpointClosedError):
                 raise _closed_meanwhile() from None
             raise
         finally:
@@ -324,8 +324,8 @@ class DockpointConnection(_Closable):
             if self._shut:
                 raise closed_error("DockpointConnection")
             self._ch.send(data)
-        except OSError:
-            if self._shut:
+        except OSError as exc:
+            if self._shut and not isinstance(exc, DockpointClosedError):
                 raise _closed_meanwhile() from None
             raise
         finally:

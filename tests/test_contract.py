@@ -6,6 +6,7 @@ import array
 import os
 import threading
 import time
+from functools import partial
 
 import pytest
 from conftest import Child, claimed, wait_blocked
@@ -401,11 +402,11 @@ def test_close_is_idempotent_and_use_after_close_raises(app: str) -> None:
         obj.close()
         obj.close()
         assert obj.closed
-        with pytest.raises(DockpointClosedError) as info:
-            obj.read()
-        assert info.value.errno == 9
-        with pytest.raises(DockpointClosedError):
-            obj.write(b"x")
+        for use in (obj.read, partial(obj.write, b"x"), obj.fileno):
+            with pytest.raises(DockpointClosedError) as info:
+                use()
+            assert info.value.errno == 9
+            assert info.value.strerror == "DockpointConnection is closed"  # not "while in use"
         assert "closed" in repr(obj)
     assert not dp.closed
     dp.close()
