@@ -69,7 +69,7 @@ from __future__ import annotations
 import errno
 import os
 import sys
-from _thread import allocate_lock  # not threading: see _classes
+from _thread import RLock, allocate_lock  # not threading: see _classes
 from time import monotonic, sleep
 
 from ._classes import BUSY_GRACE, HANDOVER, closed_error, no_fileno
@@ -932,7 +932,7 @@ if sys.platform == "win32":
         ``close()`` from another thread: :meth:`wake` signals ``_wake``, which ends a
         blocked read or write, and :meth:`close` comes once no call is in flight."""
 
-        __slots__ = ("_open", "_ops", "_pipe", "_wake", "_woken", "peer_pid")
+        __slots__ = ("_mutex", "_open", "_ops", "_pipe", "_wake", "_woken", "peer_pid")
 
         def __init__(self, pipe: int, peer_pid: int | None) -> None:
             self._pipe = pipe
@@ -940,7 +940,11 @@ if sys.platform == "win32":
             self.peer_pid = peer_pid
             self._ops: list[_Op] = []  # idle operations, for the next calls
             self._woken = False
-            self._open = [True]  # popped by the one call that frees the handles
+            # wake() and detach() take it: an event already freed (its handle value maybe
+            # reused) is never signalled, and the handles are freed once. Re-entrant: a
+            # signal handler's close() may wake() while this thread holds it.
+            self._mutex = RLock()
+            self._open = True
 
         def _op(self) -> _Op:
             try:
@@ -955,7 +959,7 @@ if sys.platform == "win32":
 
         def __del__(self) -> None:
             # A dropped server end would keep the pipe name alive after the Dockpoint closes.
-            if getattr(self, "_open", None):  # __init__ may have failed early
+            if getattr(self, "_open", False):  # __init__ may have failed early
                 self.close()
 
         def recv(self, max_bytes: int) -> bytes:
@@ -1030,8 +1034,10 @@ if sys.platform == "win32":
                     raise _error(code)
 
         def wake(self) -> None:
-            self._woken = True
-            SetEvent(self._wake)
+            with self._mutex:
+                if self._open:
+                    self._woken = True
+                    SetEvent(self._wake)
 
         def close(self) -> None:
             pipe = self.detach()
@@ -1043,10 +1049,10 @@ if sys.platform == "win32":
         def detach(self) -> int:
             """Hand the pipe handle over (to an event loop's transport), freeing the rest;
             0 if that was done already."""
-            try:
-                self._open.pop()  # atomic: of two threads closing at once, one frees
-            except IndexError:
-                return 0
+            with self._mutex:
+                if not self._open:
+                    return 0
+                self._open = False
             for op in self._ops:
                 op.close()
             self._ops.clear()
@@ -1083,7 +1089,7 @@ if sys.platform == "win32":
             self._wake = _event()
             self._free: int | None = first
             self._woken = False
-            self._mutex = allocate_lock()
+            self._mutex = RLock()  # re-entrant: a signal handler's close() may wake()
             self._turn = allocate_lock()
 
         def accept(self, timeout: float | None) -> _Channel | None:
@@ -1166,8 +1172,10 @@ if sys.platform == "win32":
             return code
 
         def wake(self) -> None:
-            self._woken = True
-            SetEvent(self._wake)
+            with self._mutex:  # a second close() may wake after the first freed the event
+                self._woken = True
+                if self._wake:
+                    SetEvent(self._wake)
 
         def close(self) -> None:
             # Only called once no thread is in accept() (the shared Dockpoint ensures it).
@@ -1178,10 +1186,12 @@ if sys.platform == "win32":
             """After the hand-over's spawn: drop this process's copies of the pipe instance
             (the daemon has its own) but keep the lock handle, whose locks the daemon cannot
             inherit, until :meth:`let_go`."""
-            pipe, self._free = self._free, None
+            with self._mutex:
+                pipe, self._free = self._free, None
+                wake, self._wake = self._wake, 0
             if pipe is not None:
                 CloseHandle(pipe)
-            CloseHandle(self._wake)
+            CloseHandle(wake)
             LocalFree(self._descriptor)
 
         def let_go(self) -> None:
