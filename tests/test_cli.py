@@ -22,7 +22,7 @@ import pytest
 from conftest import LINUX, child_env, simulating_macos_paths
 
 import dockpoint
-from dockpoint._cli import DEFAULT_SPAWN_IDLE, DEFAULT_STOP_TIMEOUT, main, parse
+from dockpoint.__main__ import DEFAULT_SPAWN_IDLE, DEFAULT_STOP_TIMEOUT, main, parse
 from dockpoint._names import endpoint_stem
 
 if TYPE_CHECKING:
@@ -467,7 +467,7 @@ def test_send_leaves_no_resource_warning(env: dict[str, str], app: str, daemons:
 CLI_MODULES = """
 import sys
 before = set(sys.modules)  # what start-up loaded (a site-packages .pth may load enum)
-from dockpoint._cli import daemon, main
+from dockpoint.__main__ import daemon, main
 app = sys.argv[1]
 served = daemon(["serve", app, "default", "0.05"])  # claims, sets handlers, idles out
 sent = main(["send", app, "hi", "--no-spawn"])  # nobody there now: exit status 1

@@ -11,7 +11,6 @@ PACKAGE = CHECKOUT / "dockpoint"
 #: Top to bottom, as README.md lists them; a module may import only modules after it.
 LAYERS = [
     "__main__",
-    "_cli",
     "aio",
     "__init__",
     "_api",

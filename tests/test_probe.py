@@ -396,7 +396,7 @@ def test_status_prints_what_probe_returns(
 ) -> None:
     """``status`` is a printer of probe(): whatever probe answers is what it prints, and
     its exit status follows from the state alone (it inspects nothing itself)."""
-    from dockpoint import _cli
+    from dockpoint import __main__ as cli
 
     asked = []
 
@@ -405,7 +405,7 @@ def test_status_prints_what_probe_returns(
         return dockpoint.Probe(state, "/nowhere/x.sock", 4242, "v 9", f"because {state}")
 
     monkeypatch.setattr(dockpoint, "probe", fake)
-    code = _cli.status("no-such-app", "other", 0.25)
+    code = cli.status("no-such-app", "other", 0.25)
     out, err = capsys.readouterr()
     assert asked == [("no-such-app", "other", 0.25)]
     fields = dict(line.split(None, 1) for line in out.splitlines())

@@ -148,7 +148,7 @@ def test_long_and_infinite_timeouts_of_probe_stop_spawn_and_aio(
     app: str, timeout: float, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import dockpoint.aio
-    from dockpoint._cli import daemon_command
+    from dockpoint.__main__ import daemon_command
 
     monkeypatch.setenv("PYTHONPATH", child_env()["PYTHONPATH"])  # the daemon's dockpoint
     argv = daemon_command(app, "default", 60.0)
