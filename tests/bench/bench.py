@@ -414,30 +414,21 @@ def rt_dockpoint(dockpoint: Any, app: str, n: int) -> float:
         conn.close()
 
 
-def rt_raw(path: str, n: int) -> float:
+def rt_raw(path: str, n: int, *, wrapped: bool = False) -> float:
+    """The round trip on a raw socket, or (``wrapped``) through :class:`Wrapped`."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.connect(path)
-        send, recv, msg = sock.sendall, sock.recv, b"x"
+        send: Callable[[bytes], object] = sock.sendall
+        recv: Callable[[int], bytes] = sock.recv
+        if wrapped:
+            wrapper = Wrapped(sock)
+            send, recv = wrapper.write, wrapper.read
+        msg = b"x"
         start = time.perf_counter()
         for _ in range(n):
             send(msg)
             recv(1)
-        return time.perf_counter() - start
-    finally:
-        sock.close()
-
-
-def rt_wrapped(path: str, n: int) -> float:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.connect(path)
-        wrapped = Wrapped(sock)
-        write, read, msg = wrapped.write, wrapped.read, b"x"
-        start = time.perf_counter()
-        for _ in range(n):
-            write(msg)
-            read(1)
         return time.perf_counter() - start
     finally:
         sock.close()
@@ -560,7 +551,7 @@ def client_job(row: str, side: str, where: str, dockpoint: Any) -> Callable[[int
         ("cc", "dockpoint"): lambda n: cc_dockpoint(dockpoint, where, n),
         ("rt", "raw"): lambda n: rt_raw(where, n),
         ("rt", "mp"): lambda n: rt_mp(where, n),
-        ("rt", "wrapped"): lambda n: rt_wrapped(where, n),
+        ("rt", "wrapped"): lambda n: rt_raw(where, n, wrapped=True),
         ("bulk", "raw"): lambda n: bulk_raw(where, n),
         ("cc", "raw"): lambda n: cc_raw(where, n),
         ("cc", "checks"): lambda n: cc_checks(where, n),
