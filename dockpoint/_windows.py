@@ -1,67 +1,13 @@
 """Windows backend: a named pipe scoped to the user's SID, claimed through a lock file.
 
-Where: ``\\\\.\\pipe\\dockpoint-<user SID>-<app>@<instance>``. Windows compares pipe names
-case-insensitively, so names that differ only in case would meet anyway; dockpoint lower-cases
-``app_name`` and ``instance`` on every platform (see :func:`dockpoint._names.endpoint_stem`),
-so ``"MyApp"`` and ``"myapp"`` are one endpoint on Windows and POSIX alike. A pipe name is at
-most 256 characters; a longer one is a ``ValueError``.
-
-Claim: an exclusive ``LockFileEx`` lock on ``%LOCALAPPDATA%\\dockpoint\\<app>@<instance>.lock``
-decides it, as ``flock`` does on POSIX: the kernel drops the lock with its process, so a dead
-holder never wedges the name. The lock file holds the holder's pid (line 1) and the ``info``
-text (line 2, optional); it is never deleted. Two byte ranges far beyond the text are locked:
-the *claim* range, which claimers race for, and the *alive* range, which the holder takes
-next and which clients test with a shared lock (never the claim range, so a client's test
-cannot make a claimer lose). The directory is created with a protected DACL that admits
-only the user; an existing one must be a real directory (no junction or symlink) owned by
-the user whose DACL allows nobody but the user, SYSTEM and Administrators, else
-``PermissionError`` naming it. The lock holder creates the pipe's first instance with
-``FILE_FLAG_FIRST_PIPE_INSTANCE``; if the name exists all the same (instances of a dead
-holder that its clients keep open: the pipe file system keeps a name while any end of any
-instance is open), it adds an instance to that pipe after checking the pipe is the user's
-own (owner, DACL and integrity label); any other pipe there is a squatter: ``PermissionError``
-naming the pipe.
-
-Accept: one listening instance is always free for the next client, also between ``accept``
-calls (a client that connects then is served by the next ``accept``). Only one thread at a
-time waits in ``ConnectNamedPipe`` on it; other ``accept`` calls wait for their turn with
-their own timeout. A wait that ends (timeout, ``close()``, Ctrl+C) leaves the instance
-listening in the pool, with any client that connected meanwhile, for the next ``accept``:
-no client is ever closed unserved. A client that connected, wrote and closed before
-``accept`` (``ERROR_NO_DATA``) is still handed out, as POSIX hands out such a socket.
-
-Connect: a client that finds every instance busy waits with ``WaitNamedPipeW`` while the
-lock says a holder is alive; a single attempt (``timeout=None``) gives up (``None``) once it
-has waited :data:`dockpoint._classes.BUSY_GRACE` seconds with no instance coming free, so a hung
-daemon cannot block it for ever while a busy one serving a burst keeps it. Busy
-instances with no lock holder (a holder that closed its ``Dockpoint`` but keeps accepted
-connections, or a dead one's) mean nobody is there: ``None``. A failed wait means "open
-again", which decides.
-
-Probe: with a live holder the probe never opens the pipe (an open is a connection the
-daemon's ``accept`` would return): ``WaitNamedPipeW`` says whether an instance is free. It
-opens the pipe only when nobody holds the claim, under a shared lock on the alive range
-that keeps claimers from finishing a claim meanwhile.
-
-Security: the pipe's owner is the user's SID and its protected DACL has one entry, full
-access for that SID (the instances after the first need ``FILE_CREATE_PIPE_INSTANCE``).
-SYSTEM and Administrators are deliberately not listed: they are other users here, and an
-administrator who wants in can take ownership anyway; an elevated process of the *same* user
-carries the user's SID and is admitted. The pipe carries no explicit integrity label: the
-implicit Medium label keeps processes below Medium (sandboxes) from opening it, and a
-daemon of the user at Medium or High integrity serves clients at either.
-``PIPE_REJECT_REMOTE_CLIENTS`` keeps the network out. Clients open the pipe with
-``SECURITY_IDENTIFICATION`` (the daemon cannot impersonate them) and trust the server only
-if the pipe's owner is their own SID, or the owner is Administrators (the default owner of
-an elevated process, which a normal user cannot set) and the server process runs as the
-user; a pipe labelled below Medium integrity (a same-user sandbox squatting the name) is
-refused. A refused server is a ``PermissionError``. A server written in another language
-must set the owner the same way to be trusted.
-
-I/O is overlapped and waited on in slices of at most 100 ms together with a wake event, so
-``timeout=``, ``close()`` from another thread and Ctrl+C all end a wait; a cancelled
-operation is always waited for before its ``OVERLAPPED`` and buffer are released, and if
-that wait is itself interrupted they are kept (leaked) rather than freed.
+The pipe is ``\\\\.\\pipe\\dockpoint-<user SID>-<app>@<instance>`` (at most 256 characters);
+the claim is an exclusive ``LockFileEx`` lock on a byte range of
+``%LOCALAPPDATA%\\dockpoint\\<app>@<instance>.lock``, which the kernel drops with its process.
+The holder creates the pipe's first instance with ``FILE_FLAG_FIRST_PIPE_INSTANCE`` and keeps
+one listening instance free at all times; I/O is overlapped and waited on in slices with a
+wake event, so ``timeout=``, ``close()`` and Ctrl+C end every wait. docs/windows.md has the
+design (the lock file's three ranges, the instance pool, the waits), docs/security.md the
+checks, docs/protocol.md the probe and the hand-over.
 """
 
 from __future__ import annotations
@@ -735,19 +681,11 @@ if sys.platform == "win32":
     def _held(stem: str) -> bool | None:
         """Whether a holder is alive for ``stem``; ``None`` if that cannot be told."""
         try:
-            _, path = _lock_path(os.environ.get("LOCALAPPDATA"), stem)
-            handle = _open_lock_file(path)
+            held, _, _, guard = _holder(stem)
         except OSError:
             return None
-        if not handle:
-            return False
-        try:
-            held = _alive_test(handle)
-            if held is False:
-                _unlock(handle, _ALIVE_RANGE)
-            return held
-        finally:
-            CloseHandle(handle)
+        _resume_claims(guard)
+        return held
 
     def _holder(stem: str) -> tuple[bool | None, int | None, str | None, int | None]:
         """Whether a holder is alive for ``stem``, the pid and info its lock file records
@@ -794,10 +732,8 @@ if sys.platform == "win32":
             except FileNotFoundError:
                 reason = None  # no lock directory: nobody has claimed as this user here
             if reason is not None:
-                return (
-                    "unsafe", name, None, None,
-                    f"the lock directory {directory} is unsafe: {reason}; remove it or fix it",
-                )  # fmt: skip
+                reason = f"the lock directory {directory} is unsafe: {reason}; remove it or fix it"
+                return "unsafe", name, None, None, reason
             held, pid, info, guard = _holder(stem)
         except OSError as exc:
             what = exc.filename or "the lock file"
@@ -806,52 +742,49 @@ if sys.platform == "win32":
         if held:  # the pipe is the holder's: ask for a free instance, never open one
             code = _free_instance(name, timeout)
             if not code:
-                return (
-                    "listening", name, pid, info,
+                state = "listening"
+                reason = (
                     f"a daemon of this user ({who}) holds the claim and a pipe instance is "
-                    f"free for a client at {name}",
-                )  # fmt: skip
-            if code == ERROR_FILE_NOT_FOUND:
-                return (
-                    "missing-socket", name, pid, info,
+                    f"free for a client at {name}"
+                )
+            elif code == ERROR_FILE_NOT_FOUND:
+                state = "missing-socket"
+                reason = (
                     f"{who} holds the claim but has no pipe instance at {name} (it is still "
-                    "starting, or failed to create one): wait, or stop it and start it again",
-                )  # fmt: skip
-            waited = f"within {timeout:g} s" if timeout is not None else "in time"
-            return (
-                "busy", name, pid, info,
-                f"the holder ({who}) is alive but every pipe instance stayed busy {waited}:"
-                " it is busy or stuck; wait, or stop it and start it again",
-            )  # fmt: skip
+                    "starting, or failed to create one): wait, or stop it and start it again"
+                )
+            else:
+                state = "busy"
+                waited = f"within {timeout:g} s" if timeout is not None else "in time"
+                reason = (
+                    f"the holder ({who}) is alive but every pipe instance stayed busy "
+                    f"{waited}: it is busy or stuck; wait, or stop it and start it again"
+                )
+            return state, name, pid, info, reason
         # Nobody holds the claim, and nobody can finish claiming while the guard holds
         # its shared lock: a pipe found now is no daemon's listening endpoint.
         try:
             channel = _Backend.dial(stem, 0.0)
         except PermissionError as exc:
-            return (
-                "foreign", name, None, None,
-                f"{exc.strerror}: do not send it anything; find out who runs it",
-            )  # fmt: skip
+            reason = f"{exc.strerror}: do not send it anything; find out who runs it"
+            return "foreign", name, None, None, reason
         finally:
             _resume_claims(guard)
         if channel is not None:
             server = channel.peer_pid
             channel.close()  # not a byte sent
-            return (
-                "listening", name, server, info,
-                f"a process of this user (pid {server}) serves {name} without holding its "
-                "claim",
-            )  # fmt: skip
+            reason = (
+                f"a process of this user (pid {server}) serves {name} without holding its claim"
+            )
+            return "listening", name, server, info, reason
         if pid is not None:
-            return (
-                "stale", name, pid, info,
+            reason = (
                 f"the lock file names pid {pid}, which no longer holds the claim; the next "
-                "claim replaces it: start the daemon",
-            )  # fmt: skip
-        return (
-            "absent", name, None, None,
-            "nobody holds the claim and no daemon is serving: start the daemon",
-        )  # fmt: skip
+                "claim replaces it: start the daemon"
+            )
+            return "stale", name, pid, info, reason
+        reason = "nobody holds the claim and no daemon is serving: start the daemon"
+        return "absent", name, None, None, reason
 
     def _holds(stem: str, pid: int) -> bool:
         try:
@@ -1353,6 +1286,8 @@ if sys.platform == "win32":
 
     class _Backend:
         adopt = staticmethod(_adopt)
+        inspect = staticmethod(_inspect)
+        holds = staticmethod(_holds)
 
         @staticmethod
         def ask_to_exit(pid: int) -> None:
@@ -1363,16 +1298,6 @@ if sys.platform == "win32":
         @staticmethod
         def locate(stem: str) -> str:
             return _pipe_path(_user_sid(), stem)
-
-        @staticmethod
-        def inspect(
-            stem: str, timeout: float | None
-        ) -> tuple[str, str, int | None, str | None, str]:
-            return _inspect(stem, timeout)
-
-        @staticmethod
-        def holds(stem: str, pid: int) -> bool:
-            return _holds(stem, pid)
 
         @staticmethod
         def listen(stem: str, info: str | None = None) -> tuple[_Listener, str] | None:
