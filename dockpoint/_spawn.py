@@ -1,33 +1,18 @@
 """``connect_or_spawn``: claim the endpoint, hand it to a daemon started for it, connect.
 
-Loaded only when a frontend finds nobody there. The protocol underneath, which a daemon in
-any language can follow:
-
-- the frontend holds the claim and starts the daemon with the endpoint inherited, plus the
-  write end of a readiness pipe, named in the environment variable
-  ``DOCKPOINT_HANDOVER=<app>@<instance>:<socket>:<lock>:<ready>:<stderr>``;
-- POSIX: ``<socket>`` and ``<lock>`` are the listening socket's and the ``flock``-ed lock
-  file's descriptors, ``<stderr>`` is ``-`` or the inode number of the pipe that is the
-  daemon's standard error until it adopts. The frontend closes its own copies (the lock
-  stays held: the daemon's copy of the same open file holds it) and waits for ``+``;
-- Windows: ``<socket>`` is the handle of the pipe's listening instance and ``<lock>`` of
-  the lock file (inherited handles keep their values), ``<stderr>`` is ``-`` or ``pipe``. A
-  ``LockFileEx`` lock is not inherited, so the daemon takes the lock file's hand-over range
-  (the byte at offset 2**62 + 2, see :mod:`dockpoint._windows`) and writes ``h``; the frontend then
-  releases the claim and alive ranges, which the daemon takes, and releases the hand-over
-  range. A claimer that wins the claim range while the hand-over range is held gives it back;
-- the daemon verifies and adopts the endpoint, points a capture-pipe standard error at
-  the null device, writes ``+`` to the readiness descriptor and closes it. End of file
-  on the readiness pipe without ``+`` means the daemon died or let go of the endpoint.
-  Meanwhile the frontend has connected or connects: the listening socket (or pipe
-  instance) holds the connection until the daemon accepts.
+Loaded only when a frontend finds nobody there. The frontend starts the daemon with the
+claimed endpoint inherited and named in ``DOCKPOINT_HANDOVER``, plus the write end of a
+readiness pipe; the daemon's :func:`dockpoint.claim` adopts the endpoint and writes ``+``
+(end of file without it: the daemon died or let go). Meanwhile the frontend connects: the
+endpoint queues the connection until the daemon accepts. docs/protocol.md gives the
+protocol for daemons in other languages.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from time import monotonic
+from time import monotonic, sleep
 
 from ._classes import HANDOVER, DockpointConnection, SpawnError
 from ._signals import block_signals, restore_signals
@@ -254,44 +239,16 @@ class _Daemon:
             except subprocess.TimeoutExpired:
                 return None
         if self.code is None and sys.platform != "win32":
-            pidfd = -1
-            try:
-                if hasattr(os, "pidfd_open"):
-                    old = block_signals()  # until pidfd holds it: nothing to leak
-                    try:
-                        pidfd = os.pidfd_open(self.pid)
-                    except OSError:
-                        pidfd = -1
-                    finally:
-                        restore_signals(old)
-                deadline = monotonic() + timeout
-                while True:
-                    pid, status = os.waitpid(self.pid, os.WNOHANG)
-                    if pid:
-                        self.code = os.waitstatus_to_exitcode(status)
-                        break
-                    left = deadline - monotonic()
-                    if left <= 0:
-                        break
-                    if pidfd >= 0:
-                        import select
-
-                        select.select([pidfd], [], [], left)
-                    else:
-                        import time
-
-                        time.sleep(min(left, 0.001))  # no pidfd (macOS, BSD): bounded poll
-            finally:
-                if pidfd >= 0:  # as in _hand_over: no signal may keep the close from running
-                    try:
-                        old = block_signals()
-                    except BaseException:
-                        os.close(pidfd)
-                        raise
-                    try:
-                        os.close(pidfd)
-                    finally:
-                        restore_signals(old)
+            deadline = monotonic() + timeout
+            while True:  # a dead daemon is reaped at once; stop()'s SIGKILL lands fast
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+                if pid:
+                    self.code = os.waitstatus_to_exitcode(status)
+                    break
+                left = deadline - monotonic()
+                if left <= 0:
+                    break
+                sleep(min(left, 0.001))
         return self.code
 
     def stop(self) -> None:
@@ -459,9 +416,7 @@ class _Pipes:
                     got.append((fd, chunk))
             if got or monotonic() >= deadline:
                 return got
-            import time
-
-            time.sleep(0.001)
+            sleep(0.001)
 
 
 if sys.platform == "win32":
