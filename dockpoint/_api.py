@@ -21,9 +21,10 @@ else:
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # pragma: no cover - names for type hints only
-    from collections.abc import Callable, Mapping, Sequence
+    from collections.abc import Callable, Generator, Mapping, Sequence
+    from typing import Any
 
-__all__ = ["address", "backend", "claim", "connect", "connect_or_spawn", "probe", "stop"]
+__all__ = ["address", "backend", "claim", "connect", "connect_or_spawn", "probe", "retries", "stop"]
 
 #: Default ``timeout`` of :func:`probe`.
 PROBE_TIMEOUT = 2.0
@@ -120,31 +121,44 @@ def connect(
     stem = endpoint_stem(app_name, instance)
     if timeout is not None:
         timeout = check_timeout(timeout)
-    dial = backend.dial
-    busy_only = False
     if timeout is None:
         try:
-            channel = dial(stem, None)
+            channel = backend.dial(stem, None)
         except BlockingIOError:  # a holder that cannot take us yet: not "nobody there"
-            timeout, busy_only = BUSY_GRACE, True
+            pass
         else:
             return None if channel is None else DockpointConnection(channel)
-    deadline = time.monotonic() + timeout
+    attempts = retries(stem, timeout, blocking=True)
+    try:
+        while True:
+            time.sleep(next(attempts))
+    except StopIteration as done:
+        return None if done.value is None else DockpointConnection(done.value)
+
+
+def retries(stem: str, timeout: float | None, *, blocking: bool) -> Generator[float, None, Any]:
+    """:func:`connect`'s attempts after a first one that found the holder busy
+    (``timeout`` ``None``: for :data:`BUSY_GRACE` while the holder is there) or within
+    ``timeout``: yields each pause to sleep, returns the channel or ``None``. Without
+    ``blocking`` each attempt is non-blocking (an event loop's)."""
+    dial = backend.dial
+    busy_only = timeout is None
+    deadline = time.monotonic() + (BUSY_GRACE if timeout is None else timeout)
     pause = 0.001
     while True:
         try:
-            channel = dial(stem, max(0.0, deadline - time.monotonic()))
+            channel = dial(stem, max(0.0, deadline - time.monotonic()) if blocking else 0.0)
         except BlockingIOError:
             channel = None
         else:
             if channel is None and busy_only:
                 return None  # the busy holder has gone
         if channel is not None:
-            return DockpointConnection(channel)
+            return channel
         left = deadline - time.monotonic()
         if left <= 0:
             return None
-        time.sleep(min(pause, left))
+        yield min(pause, left)
         pause = min(pause * 2, 0.05)
 
 

@@ -41,8 +41,8 @@ import sys
 import threading
 from weakref import WeakSet
 
-from ._api import backend, claim, connect
-from ._classes import BUSY_GRACE, Dockpoint, DockpointClosedError, DockpointConnection
+from ._api import backend, claim, connect, retries
+from ._classes import Dockpoint, DockpointClosedError, DockpointConnection
 from ._names import check_timeout, endpoint_stem
 
 TYPE_CHECKING = False
@@ -541,35 +541,21 @@ def _stream_socket(raw: Any) -> socket.socket:
 
 
 async def _dial(stem: str, timeout: float | None) -> socket.socket | None:
-    """The connected, checked socket; :meth:`dockpoint.connect`'s attempts, with the
-    waits between them in the loop. Each attempt never blocks: a full backlog is
-    "busy", which one attempt waits out for a while, as ``connect`` does."""
+    """The connected, checked socket: :func:`dockpoint.connect`'s attempts, each one
+    non-blocking (a full backlog is "busy"), with the pauses between them in the loop."""
     if sys.platform == "win32":
         raise _unsupported()
-    dial = backend.dial  # a timeout of 0 makes its connect non-blocking
-    loop = asyncio.get_running_loop()
-    busy_only = False
     if timeout is None:
         try:
-            channel = dial(stem, 0.0)
+            channel = backend.dial(stem, 0.0)
         except BlockingIOError:  # a holder that cannot take us yet: not "nobody there"
-            timeout, busy_only = BUSY_GRACE, True
+            pass
         else:
             return None if channel is None else _stream_socket(channel._sock)
-    deadline = loop.time() + timeout
-    pause = 0.001
-    while True:
-        try:
-            channel = dial(stem, 0.0)
-        except BlockingIOError:
-            channel = None
-        else:
-            if channel is None and busy_only:
-                return None  # the busy holder has gone
-        if channel is not None:
-            return _stream_socket(channel._sock)
-        left = deadline - loop.time()
-        if left <= 0:
-            return None
-        await asyncio.sleep(min(pause, left))
-        pause = min(pause * 2, 0.05)
+    attempts = retries(stem, timeout, blocking=False)
+    try:
+        while True:
+            await asyncio.sleep(next(attempts))
+    except StopIteration as done:
+        channel = done.value
+    return None if channel is None else _stream_socket(channel._sock)
