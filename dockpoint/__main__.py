@@ -78,17 +78,6 @@ def _describe(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def _parse_seconds(text: str) -> float | None:
-    """A finite number of seconds >= 0, or ``None``."""
-    try:
-        value = float(text)
-    except ValueError:
-        return None
-    if not value >= 0.0 or value == float("inf"):
-        return None
-    return value
-
-
 def _read_line(conn: dockpoint.DockpointConnection, deadline: float) -> bytes:
     """Read up to and including a newline, or to end of stream, before ``deadline``.
 
@@ -548,12 +537,11 @@ def parse(argv: Sequence[str]) -> tuple[str, dict[str, Any]]:
 
 
 def _seconds(command: str, option: str, text: str) -> float:
-    value = _parse_seconds(text)
-    if value is None:
-        try:
-            float(text)
-        except ValueError:
-            _usage_error(command, f"{option}: not a number of seconds: {text!r}")
+    try:
+        value = float(text)
+    except ValueError:
+        _usage_error(command, f"{option}: not a number of seconds: {text!r}")
+    if not 0.0 <= value < float("inf"):  # also NaN
         _usage_error(command, f"{option}: must be a finite number of seconds >= 0: {text!r}")
     return value
 

@@ -73,8 +73,6 @@ READ_CHUNK_LIMIT = 1 << 20
 #: How long a single-attempt ``connect`` keeps retrying a holder that is alive but cannot
 #: take the connection yet (a full backlog on macOS/BSD answers "refused").
 BUSY_GRACE = 5.0
-#: The environment variable naming an endpoint handed over by ``connect_or_spawn``.
-HANDOVER = "DOCKPOINT_HANDOVER"
 
 
 class DockpointClosedError(OSError):

@@ -1,5 +1,6 @@
-"""The pure rules: which names are allowed, what a timeout or an ``info`` text may be, and
-where an endpoint lives. No I/O, and nothing from the rest of the package."""
+"""The pure rules: which names are allowed, what a timeout or an ``info`` text may be,
+where an endpoint lives, and the text of a lock file and of a hand-over. No I/O (the
+hand-over is read from the environment), and nothing from the rest of the package."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ NAME_CHARACTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ012345678
 MAX_NAME_LENGTH = 64
 #: Longest ``info=`` text :func:`dockpoint.claim` publishes, in characters.
 MAX_INFO_LENGTH = 200
+#: The environment variable naming an endpoint handed over by ``connect_or_spawn``.
+HANDOVER = "DOCKPOINT_HANDOVER"
 
 
 def validate_name(value: object, what: str) -> str:
@@ -157,3 +160,23 @@ def lock_record(data: bytes) -> tuple[int | None, str | None]:
     pid = int(first) if first.isascii() and first.isdigit() and 0 < int(first) < 1 << 31 else None
     info = lines[1].rstrip("\r") if len(lines) > 1 else ""
     return pid, info or None
+
+
+def handover_text(stem: str, handles: tuple[int, ...], stderr: str) -> str:
+    """The hand-over variable's value: ``<stem>:<socket>:<lock>:<ready>:<stderr>``, the
+    descriptors (POSIX) or handles (Windows) the daemon inherits (docs/protocol.md)."""
+    return ":".join((stem, *map(str, handles), stderr))
+
+
+def take_handover(stem: str) -> tuple[int, int, int, str] | None:
+    """The socket, lock and readiness descriptors and the stderr token that the
+    environment hands over for ``stem`` (see :func:`handover_text`), or ``None``. The
+    variable is removed once it names ``stem``, so the daemon's children never inherit it."""
+    text = os.environ.get(HANDOVER)
+    if not text or text.partition(":")[0] != stem:
+        return None
+    del os.environ[HANDOVER]
+    fields = text.split(":")
+    if len(fields) != 5 or not all(f.isdigit() for f in fields[1:4]):
+        return None
+    return int(fields[1]), int(fields[2]), int(fields[3]), fields[4]

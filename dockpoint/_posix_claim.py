@@ -17,8 +17,8 @@ from time import monotonic
 assert sys.platform != "win32"  # tells type checkers this module is POSIX-only
 
 from . import _posix_dir as _dir  # noqa: E402
-from ._classes import HANDOVER, ClaimLostError  # noqa: E402
-from ._names import lock_text  # noqa: E402
+from ._classes import ClaimLostError  # noqa: E402
+from ._names import lock_text, take_handover  # noqa: E402
 from ._posix_dir import LINUX, PROBE_ENDS, _bind_directory, _directory, _open_directory, _place  # noqa: E402
 from ._posix_stream import POLLIN, SO_NOSIGPIPE, _Channel, _ms, _peer  # noqa: E402
 from ._signals import block_signals, restore_signals  # noqa: E402
@@ -366,14 +366,10 @@ def adopt(stem: str, info: str | None = None) -> tuple[_Listener, str] | None:
     is not this endpoint, claimed by this process (then the caller claims as usual). The
     variable is removed either way once it names ``stem``, so children never inherit it.
     """
-    text = os.environ.get(HANDOVER)
-    if not text or text.partition(":")[0] != stem:
+    fields = take_handover(stem)
+    if fields is None:
         return None
-    del os.environ[HANDOVER]
-    fields = text.split(":")
-    if len(fields) != 5 or not all(f.isdigit() for f in fields[1:4]):
-        return None
-    sock_fd, lock_fd, ready_fd = int(fields[1]), int(fields[2]), int(fields[3])
+    sock_fd, lock_fd, ready_fd, stderr = fields
     uid = os.geteuid()
     directory = _directory(check=True, uid=uid)
     dfd = _open_directory(directory, uid)
@@ -410,7 +406,7 @@ def adopt(stem: str, info: str | None = None) -> tuple[_Listener, str] | None:
     listener = _Listener(
         sock, sdfd, lock_fd, (where, name, ino), lock_at=lock_at, dir_locked=shared
     )
-    _ready(ready_fd, fields[4])
+    _ready(ready_fd, stderr)
     return listener, where + "/" + name
 
 

@@ -206,10 +206,8 @@ def _inspect_at(  # noqa: PLR0911 - one return per state
                 _checked_lstat(path, uid)
             except FileNotFoundError:
                 if path == directory:
-                    return (
-                        "absent", address, None, None,
-                        "nobody holds the claim and no daemon has run here: start the daemon",
-                    )  # fmt: skip
+                    reason = "nobody holds the claim and no daemon has run here: start the daemon"
+                    return "absent", address, None, None, reason
         held, pid, info = _claim_holder(directory + "/" + stem + ".lock", uid)
     except PermissionError as exc:
         return "unsafe", address, None, None, _unsafe_reason(exc)
@@ -221,52 +219,47 @@ def _inspect_at(  # noqa: PLR0911 - one return per state
         return "unsafe", address, pid, info, _unsafe_reason(exc)
     who = f"pid {pid}" if pid is not None else "a process"
     if st is not None and not S_ISSOCK(st.st_mode):
-        return (
-            "blocked", address, pid, info,
+        reason = (
             f"something that is not a socket is at {address}; no daemon can serve {stem} "
-            "until it is removed: move or delete it",
-        )  # fmt: skip
+            "until it is removed: move or delete it"
+        )
+        return "blocked", address, pid, info, reason
     if st is not None:
         knocked, value = _knock(where, name, timeout if held else 0.0)
         if knocked == "ok":
             pid = value if value is not None else pid
             who = f"pid {pid}" if pid is not None else "a process"
-            return (
-                "listening", address, pid, info,
-                f"a daemon of this user ({who}) accepted a connection at {address}",
-            )  # fmt: skip
+            reason = f"a daemon of this user ({who}) accepted a connection at {address}"
+            return "listening", address, pid, info, reason
         if knocked == "foreign":
-            return (
-                "foreign", address, None, None,
+            reason = (
                 f"the endpoint {address} is served by uid {value}, not by this user "
-                f"(uid {uid}): do not send it anything; find out who runs it",
-            )  # fmt: skip
+                f"(uid {uid}): do not send it anything; find out who runs it"
+            )
+            return "foreign", address, None, None, reason
         if held and (knocked == "timeout" or not LINUX):  # macOS/BSD: a full backlog refuses
-            return (
-                "busy", address, pid, info,
-                f"the holder ({who}) is alive but did not accept a connection within "
-                f"{timeout:g} s: it is busy or stuck; wait, or stop it and start it again"
-                if timeout is not None
-                else f"the holder ({who}) is alive but does not accept connections",
-            )  # fmt: skip
+            if timeout is None:
+                reason = f"the holder ({who}) is alive but does not accept connections"
+            else:
+                reason = (
+                    f"the holder ({who}) is alive but did not accept a connection within "
+                    f"{timeout:g} s: it is busy or stuck; wait, or stop it and start it again"
+                )
+            return "busy", address, pid, info, reason
     if held:
-        return (
-            "missing-socket", address, pid, info,
+        reason = (
             f"{who} holds the claim but its socket {address} is gone or replaced (a cleaner "
-            "such as systemd-tmpfiles may have deleted it): stop the daemon and start it again",
-        )  # fmt: skip
-    leftover = os.path.lexists(where + "/" + name[:-5] + ".new")
-    if st is not None or pid is not None or leftover:
-        gone = f"pid {pid}" if pid is not None else "a process"
-        return (
-            "stale", address, pid, info,
-            f"files left by a holder ({gone}) that is gone; the next claim replaces them: "
-            "start the daemon",
-        )  # fmt: skip
-    return (
-        "absent", address, None, None,
-        "nobody holds the claim and no daemon is serving: start the daemon",
-    )  # fmt: skip
+            "such as systemd-tmpfiles may have deleted it): stop the daemon and start it again"
+        )
+        return "missing-socket", address, pid, info, reason
+    if st is not None or pid is not None or os.path.lexists(where + "/" + name[:-5] + ".new"):
+        reason = (
+            f"files left by a holder ({who}) that is gone; the next claim replaces them: "
+            "start the daemon"
+        )
+        return "stale", address, pid, info, reason
+    reason = "nobody holds the claim and no daemon is serving: start the daemon"
+    return "absent", address, None, None, reason
 
 
 def _unsafe_reason(exc: OSError) -> str:
@@ -331,13 +324,12 @@ def inspect(stem: str, timeout: float | None) -> tuple[str, str, int | None, str
         if found is not None:
             other, pid, info = found
             setting = f"XDG_RUNTIME_DIR={xdg}" if xdg else "XDG_RUNTIME_DIR unset"
-            return (
-                "elsewhere", other, pid, info,
+            reason = (
                 f"nothing at {address} ({setting}), but a daemon of this user"
-                f"{'' if pid is None else f' (pid {pid})'} answers at {other}: it was "
-                "started with another "
-                "XDG_RUNTIME_DIR; run daemon and clients with the same environment",
-            )  # fmt: skip
+                f"{'' if pid is None else f' (pid {pid})'} answers at {other}: it was started "
+                "with another XDG_RUNTIME_DIR; run daemon and clients with the same environment"
+            )
+            return "elsewhere", other, pid, info, reason
     return state, address, pid, info, reason
 
 

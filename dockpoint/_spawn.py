@@ -14,7 +14,8 @@ import os
 import sys
 from time import monotonic, sleep
 
-from ._classes import HANDOVER, DockpointConnection, SpawnError
+from ._classes import DockpointConnection, SpawnError
+from ._names import HANDOVER, handover_text
 from ._signals import block_signals, restore_signals
 
 TYPE_CHECKING = False
@@ -322,7 +323,7 @@ def _hand_over(req: Request, listener: Any, old: object) -> DockpointConnection:
             (out, err),
             (sock, lock, ready),
             environ,
-            lambda fds: f"{stem}:{fds[0]}:{fds[1]}:{fds[2]}:{capture}",
+            lambda fds: handover_text(stem, fds, capture),
             sigmask=old,
         )
     except BaseException:

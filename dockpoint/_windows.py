@@ -18,8 +18,8 @@ import sys
 from _thread import RLock, allocate_lock  # not threading: see _classes
 from time import monotonic, sleep
 
-from ._classes import BUSY_GRACE, HANDOVER, closed_error, no_fileno
-from ._names import lock_record, lock_text, pipe_name
+from ._classes import BUSY_GRACE, closed_error, no_fileno
+from ._names import lock_record, lock_text, pipe_name, take_handover
 from ._win32 import (
     DACL_SECURITY_INFORMATION,
     ERROR_ACCESS_DENIED,
@@ -183,15 +183,6 @@ def _pipe_file_name(name: str) -> str:
     """The name a pipe handle reports (``FileNameInfo``) for the pipe path ``name``."""
     prefix = "\\\\.\\pipe"
     return name[len(prefix) :] if name.lower().startswith(prefix) else name
-
-
-def _handover_fields(text: str, stem: str) -> tuple[int, int, int, str] | None:
-    """The pipe, lock and readiness handles and the stderr token of a hand-over variable
-    ``<stem>:<pipe>:<lock>:<ready>:<stderr>`` for ``stem``; ``None`` if it is malformed."""
-    fields = text.split(":")
-    if len(fields) != 5 or fields[0] != stem or not all(f.isdigit() for f in fields[1:4]):
-        return None
-    return int(fields[1]), int(fields[2]), int(fields[3]), fields[4]
 
 
 def _sddl_part(sddl: str, key: str) -> str | None:
@@ -1215,11 +1206,7 @@ if sys.platform == "win32":
         lets go of the hand-over range and writes ``+``. A claimer that wins the claim range
         meanwhile sees the hand-over range held and gives the claim back.
         """
-        text = os.environ.get(HANDOVER)
-        if not text or text.partition(":")[0] != stem:
-            return None
-        del os.environ[HANDOVER]
-        fields = _handover_fields(text, stem)
+        fields = take_handover(stem)
         if fields is None:
             return None
         pipe, lock, ready, stderr = fields
