@@ -601,16 +601,24 @@ if sys.platform == "win32":
             CloseHandle(handle)  # releases whatever it had locked
             raise
 
+    def _wait_lock(
+        handle: int, lock_range: tuple[int, int], deadline: float, path: str | None = None
+    ) -> bool:
+        """Take ``lock_range`` exclusively once its holder lets go; ``False`` at the deadline."""
+        while True:
+            code = _try_lock(handle, lock_range, LOCKFILE_EXCLUSIVE_LOCK)
+            if not code:
+                return True
+            if code != ERROR_LOCK_VIOLATION:
+                raise _error(code, path)
+            if monotonic() > deadline:
+                return False
+            sleep(0.0005)  # the holder lets go within a moment
+
     def _lock_alive(handle: int, path: str) -> None:
         """Take the alive range, which only clients' momentary shared test locks hold."""
-        deadline = monotonic() + _ALIVE_WAIT
-        while True:
-            code = _try_lock(handle, _ALIVE_RANGE, LOCKFILE_EXCLUSIVE_LOCK)
-            if not code:
-                return
-            if code != ERROR_LOCK_VIOLATION or monotonic() > deadline:
-                raise _error(code, path)
-            sleep(0.001)
+        if not _wait_lock(handle, _ALIVE_RANGE, monotonic() + _ALIVE_WAIT, path):
+            raise _error(ERROR_LOCK_VIOLATION, path)
 
     def _write_lock(handle: int, text: bytes, path: str) -> None:
         # From the start: an adopted handle shares its file position with the frontend's.
@@ -1179,18 +1187,6 @@ if sys.platform == "win32":
         if not code:
             _unlock(handle, _CLAIM_RANGE)  # nobody holds it: not a hand-over in progress
         return code == ERROR_LOCK_VIOLATION
-
-    def _wait_lock(handle: int, lock_range: tuple[int, int], deadline: float) -> bool:
-        """Take ``lock_range`` exclusively once its holder lets go; ``False`` at the deadline."""
-        while True:
-            code = _try_lock(handle, lock_range, LOCKFILE_EXCLUSIVE_LOCK)
-            if not code:
-                return True
-            if code != ERROR_LOCK_VIOLATION:
-                raise _error(code)
-            if monotonic() > deadline:
-                return False
-            sleep(0.0005)  # the holder lets go within a moment: it is waiting for us
 
     def _tell(handle: int, what: bytes) -> bool:
         """Write ``what`` to the frontend's readiness pipe; ``False`` if it is gone."""

@@ -207,10 +207,7 @@ class Server:
             except TimeoutError:
                 return
             except DockpointClosedError as exc:  # the claim was lost: serve_forever raises it
-                forever = self._forever
-                if forever is not None and not forever.done():
-                    forever.set_exception(exc)
-                self.close()
+                self._end(exc)
                 return
             except OSError as exc:  # out of descriptors, say: pause, as asyncio does
                 self._stop_watching()
@@ -320,15 +317,16 @@ class Server:
 
     def _lost(self, exc: DockpointClosedError) -> None:
         if not self._closed:  # not our own close(): the endpoint stopped under us
-            forever = self._forever
-            if forever is not None and not forever.done():
-                forever.set_exception(exc)
-            self.close()
+            self._end(exc)
 
     def _failed(self, exc: BaseException) -> None:
         self._loop.call_exception_handler(
             {"message": "dockpoint.aio: accept failed; the server stops", "exception": exc}
         )
+        self._end(exc)
+
+    def _end(self, exc: BaseException) -> None:
+        """Close the server; :meth:`serve_forever` raises ``exc``."""
         forever = self._forever
         if forever is not None and not forever.done():
             forever.set_exception(exc)
