@@ -167,8 +167,9 @@ def _popen(
 class _Daemon:
     """A daemon started detached with ``os.posix_spawn`` (``import subprocess`` would add
     25-28 ms to a frontend that has imported dockpoint: 3.12, ``-X importtime``, 5 runs), or
-    with ``subprocess`` where the platform's ``posix_spawn`` cannot start a session. ``keep`` descriptors are inherited as
-    :attr:`fds`, everything else is closed or close-on-exec."""
+    with ``subprocess`` where the platform's ``posix_spawn`` cannot start a session.
+    ``keep`` descriptors are inherited as :attr:`fds`, everything else is closed or
+    close-on-exec."""
 
     def __init__(
         self,
